@@ -1,0 +1,123 @@
+package dev.gspo4j.internal;
+
+import org.bytedeco.javacpp.BytePointer;
+import org.bytedeco.javacpp.DoublePointer;
+import org.bytedeco.javacpp.FloatPointer;
+import org.bytedeco.javacpp.Loader;
+import org.bytedeco.javacpp.LongPointer;
+import org.bytedeco.javacpp.Pointer;
+import org.bytedeco.javacpp.annotation.Cast;
+import org.bytedeco.javacpp.annotation.Const;
+import org.bytedeco.javacpp.annotation.Name;
+import org.bytedeco.javacpp.annotation.Platform;
+
+/**
+ * The JavaCPP mapping of {@code native/include/gspo4j/gspo4j.h}, one method per C function and
+ * nothing else. Callers go through {@link Kernels}, which checks arguments first and turns a
+ * status into an exception.
+ */
+@Platform(include = "gspo4j/gspo4j.h", link = "gspo4j")
+final class Gspo4jLibrary {
+    static {
+        Loader.load();
+    }
+
+    private Gspo4jLibrary() {}
+
+    /** {@code gspo4j_loss_config}. */
+    @Name("gspo4j_loss_config")
+    static final class LossConfig extends Pointer {
+        static {
+            Loader.load();
+        }
+
+        LossConfig() {
+            allocate();
+        }
+
+        private native void allocate();
+
+        native int ratio_level();
+        native LossConfig ratio_level(int value);
+        native int aggregation();
+        native LossConfig aggregation(int value);
+        native int kl_estimator();
+        native LossConfig kl_estimator(int value);
+        native int check_finite();
+        native LossConfig check_finite(int value);
+        native double eps_low();
+        native LossConfig eps_low(double value);
+        native double eps_high();
+        native LossConfig eps_high(double value);
+        native double dual_clip();
+        native LossConfig dual_clip(double value);
+        native double log_ratio_clamp();
+        native LossConfig log_ratio_clamp(double value);
+        native double normalizer();
+        native LossConfig normalizer(double value);
+        native double length_norm();
+        native LossConfig length_norm(double value);
+        native double kl_coef();
+        native LossConfig kl_coef(double value);
+        native double entropy_coef();
+        native LossConfig entropy_coef(double value);
+    }
+
+    static native @Cast("const char*") BytePointer gspo4j_last_error();
+
+    static native @Cast("const char*") BytePointer gspo4j_version();
+
+    static native int gspo4j_cuda_device_count();
+
+    static native int gspo4j_set_num_threads(int threads);
+
+    static native int gspo4j_get_num_threads();
+
+    static native @Cast("const char*") BytePointer gspo4j_cpu_isa();
+
+    static native int gspo4j_cuda_check_error(Pointer stream);
+
+    static native int gspo4j_loss_config_init(LossConfig config);
+
+    static native int gspo4j_token_logprob_forward(
+            int device, Pointer stream,
+            @Const Pointer logits, int dtype, long batch, long seq, long vocab,
+            long strideBatch, long strideSeq,
+            @Cast("const int64_t*") LongPointer targets, double temperature, int checkFinite,
+            FloatPointer logprob, DoublePointer lse, FloatPointer entropy);
+
+    static native int gspo4j_token_logprob_backward(
+            int device, Pointer stream,
+            @Const Pointer logits, int dtype, long batch, long seq, long vocab,
+            long strideBatch, long strideSeq,
+            @Cast("const int64_t*") LongPointer targets, double temperature,
+            @Const DoublePointer lse, @Const FloatPointer entropy,
+            @Const FloatPointer gradLogprob, @Const FloatPointer gradEntropy,
+            Pointer gradLogits, long gradStrideBatch, long gradStrideSeq);
+
+    static native int gspo4j_sequence_log_ratio(
+            int device, Pointer stream,
+            long batch, long seq, long tokens, @Cast("const int64_t*") LongPointer offsets,
+            @Const FloatPointer logprob, @Const FloatPointer oldLogprob, @Cast("const uint8_t*") BytePointer mask,
+            int checkFinite, FloatPointer logRatio, FloatPointer lengths);
+
+    static native int gspo4j_policy_loss(
+            int device, Pointer stream, @Const LossConfig config,
+            long batch, long seq, long tokens, @Cast("const int64_t*") LongPointer offsets,
+            @Const FloatPointer logprob, @Const FloatPointer oldLogprob, @Cast("const uint8_t*") BytePointer mask,
+            @Const FloatPointer advantages, int advantagesPerToken,
+            @Const FloatPointer refLogprob, @Const FloatPointer entropy,
+            FloatPointer loss, FloatPointer gradLogprob, FloatPointer gradEntropy, FloatPointer metrics);
+
+    static native int gspo4j_group_advantages(
+            int device, Pointer stream,
+            long count, @Const FloatPointer rewards, long groupSize, @Cast("const int64_t*") LongPointer groupIds,
+            int mode, double eps, int checkFinite, FloatPointer advantages);
+
+    static native int gspo4j_gae(
+            int device, Pointer stream,
+            long batch, long seq, long tokens, @Cast("const int64_t*") LongPointer offsets,
+            @Const FloatPointer rewards, @Const FloatPointer values, @Cast("const uint8_t*") BytePointer mask,
+            double gamma, double lambda, int checkFinite,
+            FloatPointer advantages, FloatPointer returns);
+}

@@ -1,0 +1,236 @@
+/*
+ * gspo4j: the C contract between the kernels (CPU in native/, CUDA in cuda/) and every caller.
+ *
+ * Plain C ABI: raw pointers, 64-bit sizes, no libtorch or JNI types. The math is ../shared/SPEC.md.
+ *
+ * Conventions shared by every function:
+ * - Every function returns a gspo4j_status. On anything but GSPO4J_OK, gspo4j_last_error()
+ *   returns a message for the calling thread; outputs may have been partly written.
+ * - `device` says where every pointer of the call lives (all on the host, or all on one CUDA
+ *   device). `stream` is a cudaStream_t for CUDA calls (NULL = the legacy default stream) and
+ *   must be NULL on the CPU. A CUDA call is asynchronous: it returns once the work is queued,
+ *   and data-dependent errors (a token id out of range, a non-finite value) are reported by a
+ *   later call of gspo4j_cuda_check_error on the same stream.
+ * - The token axis: a batch of `batch` responses, either padded (`offsets` NULL, `tokens` =
+ *   batch * seq, response b holds tokens b*seq .. b*seq+seq-1) or packed (`offsets` holds
+ *   batch+1 non-decreasing int64 values from 0, response b holds tokens offsets[b] ..
+ *   offsets[b+1]-1, `tokens` = offsets[batch]). Every per-token array is contiguous over that
+ *   axis (float32 unless said otherwise); a per-response array has `batch` entries.
+ * - A mask is uint8 over the token axis (0 = ignored, anything else = counted); NULL counts
+ *   every token.
+ * - Logits rows are contiguous over the vocabulary; the outer strides (in elements, not bytes)
+ *   let a view such as logits[:, :-1, :] be read in place. Row (b, t) starts at
+ *   logits + b * stride_batch + t * stride_seq. For packed logits pass batch = 1, seq = N.
+ * - Every sum is accumulated in float32 or wider, whatever the logits dtype. Every offset is
+ *   64-bit. Results are bitwise reproducible for the same inputs on the same machine,
+ *   whatever the number of threads.
+ */
+#ifndef GSPO4J_H
+#define GSPO4J_H
+
+#include <stdint.h>
+
+#if defined(_WIN32)
+#  define GSPO4J_API __declspec(dllexport)
+#else
+#  define GSPO4J_API __attribute__((visibility("default")))
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define GSPO4J_VERSION_MAJOR 0
+#define GSPO4J_VERSION_MINOR 1
+#define GSPO4J_VERSION_PATCH 0
+
+typedef enum gspo4j_status {
+    GSPO4J_OK = 0,
+    GSPO4J_ERROR_INVALID_ARGUMENT = 1, /* a pointer, size, stride or option is wrong */
+    GSPO4J_ERROR_OUT_OF_RANGE = 2,     /* a token id outside [0, vocab) or a bad offset */
+    GSPO4J_ERROR_NON_FINITE = 3,       /* NaN or Inf in an input while checking is on */
+    GSPO4J_ERROR_UNSUPPORTED = 4,      /* e.g. a CUDA call into a library built without CUDA */
+    GSPO4J_ERROR_CUDA = 5,             /* a CUDA runtime error */
+    GSPO4J_ERROR_INTERNAL = 6          /* anything else (out of memory, a bug) */
+} gspo4j_status;
+
+typedef enum gspo4j_device {
+    GSPO4J_DEVICE_CPU = 0,
+    GSPO4J_DEVICE_CUDA = 1
+} gspo4j_device;
+
+typedef enum gspo4j_dtype {
+    GSPO4J_FLOAT32 = 0,
+    GSPO4J_BFLOAT16 = 1,
+    GSPO4J_FLOAT16 = 2
+} gspo4j_dtype;
+
+/* Which ratio the policy loss clips (SPEC.md, "Policy losses"). */
+typedef enum gspo4j_ratio_level {
+    GSPO4J_RATIO_TOKEN = 0,          /* GRPO / PPO: r = exp(lp - olp) per token */
+    GSPO4J_RATIO_SEQUENCE = 1,       /* GSPO: s_b, one clip decision per response */
+    GSPO4J_RATIO_SEQUENCE_TOKEN = 2  /* GSPO-token: sg(s_b) * exp(lp - sg(lp)) per token */
+} gspo4j_ratio_level;
+
+/* How a per-token quantity q is reduced to a scalar (SPEC.md, "Aggregation"). */
+typedef enum gspo4j_aggregation {
+    GSPO4J_SEQ_MEAN_TOKEN_MEAN = 0,     /* (1/B') sum_b (1/L_b) sum_t m q */
+    GSPO4J_TOKEN_MEAN = 1,              /* sum m q / sum m */
+    GSPO4J_SEQ_MEAN_TOKEN_SUM = 2,      /* (1/B') sum_b sum_t m q */
+    GSPO4J_SEQ_MEAN_TOKEN_SUM_NORM = 3  /* sum m q / (B * Lnorm) */
+} gspo4j_aggregation;
+
+typedef enum gspo4j_kl_estimator {
+    GSPO4J_KL_K1 = 0, /* -d */
+    GSPO4J_KL_K2 = 1, /* d^2 / 2 */
+    GSPO4J_KL_K3 = 2  /* exp(d) - d - 1 */
+} gspo4j_kl_estimator;
+
+typedef enum gspo4j_advantage_mode {
+    GSPO4J_ADVANTAGE_MEAN_STD = 0, /* (r - mean) / (std + eps), Bessel-corrected std */
+    GSPO4J_ADVANTAGE_MEAN = 1,     /* r - mean */
+    GSPO4J_ADVANTAGE_RLOO = 2      /* r - mean of the other G-1 rewards */
+} gspo4j_advantage_mode;
+
+/* Indices into the metrics array the policy loss writes (float32[GSPO4J_METRIC_COUNT]). */
+typedef enum gspo4j_metric {
+    GSPO4J_METRIC_POLICY_LOSS = 0,     /* the surrogate part of the loss */
+    GSPO4J_METRIC_KL = 1,              /* the aggregated KL term, before its coefficient */
+    GSPO4J_METRIC_ENTROPY = 2,         /* the aggregated entropy, before its coefficient */
+    GSPO4J_METRIC_CLIP_FRACTION_LOW = 3,  /* ratio < 1-eps_low with A < 0 (clip active) */
+    GSPO4J_METRIC_CLIP_FRACTION_HIGH = 4, /* ratio > 1+eps_high with A > 0 (clip active) */
+    GSPO4J_METRIC_DUAL_CLIP_FRACTION = 5, /* A < 0 and ratio > dual_clip */
+    GSPO4J_METRIC_RATIO_MEAN = 6,
+    GSPO4J_METRIC_RATIO_MIN = 7,
+    GSPO4J_METRIC_RATIO_MAX = 8,
+    GSPO4J_METRIC_APPROX_KL = 9,       /* token mean of olp - lp */
+    GSPO4J_METRIC_ENTROPY_MEAN = 10,   /* token mean of H, 0 when no entropy is given */
+    GSPO4J_METRIC_SEQUENCES = 11,      /* responses with L_b > 0 */
+    GSPO4J_METRIC_TOKENS = 12,         /* tokens with m = 1 */
+    GSPO4J_METRIC_COUNT = 13
+} gspo4j_metric;
+/* Clip fractions and ratio statistics are per response for GSPO and GSPO-token (one ratio
+ * s_b per response) and per counted token for GRPO / PPO. */
+
+typedef struct gspo4j_loss_config {
+    int32_t ratio_level;      /* gspo4j_ratio_level */
+    int32_t aggregation;      /* gspo4j_aggregation (per-token terms; GSPO's surrogate is
+                                 always the mean over responses) */
+    int32_t kl_estimator;     /* gspo4j_kl_estimator */
+    int32_t check_finite;     /* non-zero: NaN/Inf in a counted input is an error */
+    double eps_low;           /* clip(x) = min(max(x, 1-eps_low), 1+eps_high) */
+    double eps_high;
+    double dual_clip;         /* c > 1 enables dual clip for A < 0; 0 disables */
+    double log_ratio_clamp;   /* R > 0: log-ratios are clamped to [-R, R] before exp */
+    double normalizer;        /* > 0: replaces the local denominator (B', sum m or B) by a
+                                 global count, for data-parallel ranks or accumulation */
+    double length_norm;       /* Lnorm of SEQ_MEAN_TOKEN_SUM_NORM; <= 0: seq (padded) or
+                                 the longest response (packed) */
+    double kl_coef;           /* beta; 0 disables the KL term */
+    double entropy_coef;      /* c_H; 0 disables the entropy term */
+} gspo4j_loss_config;
+
+/* Thread-local message of the last failed call on this thread ("" if none). */
+GSPO4J_API const char* gspo4j_last_error(void);
+GSPO4J_API const char* gspo4j_version(void);
+/* Number of CUDA devices usable by this build (0 when built without CUDA or no driver). */
+GSPO4J_API int32_t gspo4j_cuda_device_count(void);
+/* CPU worker threads (default: the hardware concurrency). Results do not depend on it. */
+GSPO4J_API gspo4j_status gspo4j_set_num_threads(int32_t threads);
+GSPO4J_API int32_t gspo4j_get_num_threads(void);
+/* Name of the CPU instruction set the kernels dispatched to: "avx512", "avx2" or "sse2". */
+GSPO4J_API const char* gspo4j_cpu_isa(void);
+/* Reports data-dependent errors of earlier asynchronous CUDA calls on `stream` (waits for it). */
+GSPO4J_API gspo4j_status gspo4j_cuda_check_error(void* stream);
+
+/* SPEC.md's paper defaults: GSPO, sequence mean, eps 3e-4 / 4e-4, R = 20, KL and entropy off,
+ * checking on. */
+GSPO4J_API gspo4j_status gspo4j_loss_config_init(gspo4j_loss_config* config);
+
+/*
+ * Per-token log-probs, one read of the logits.
+ * logits: [batch, seq, vocab] of `dtype` with the given outer strides.
+ * targets: int64[batch * seq], each in [0, vocab).
+ * Writes logprob[r] = z_y/tau - lse, lse[r] (float64: the backward rebuilds p from it without
+ * losing the target's precision) and, when entropy != NULL, entropy[r] = H, r = b*seq + t.
+ */
+GSPO4J_API gspo4j_status gspo4j_token_logprob_forward(
+    int32_t device, void* stream,
+    const void* logits, int32_t dtype, int64_t batch, int64_t seq, int64_t vocab,
+    int64_t stride_batch, int64_t stride_seq,
+    const int64_t* targets, double temperature, int32_t check_finite,
+    float* logprob, double* lse, float* entropy);
+
+/*
+ * Gradient of the logits from per-token g_lp = dLoss/dlp and g_H = dLoss/dH (NULL: zero):
+ *   dz_v = (g_lp * (1[v==y] - p_v) - g_H * p_v * (log p_v + H)) / tau,
+ * one read of the logits row, one write of the gradient row in `dtype`. `lse` and `entropy`
+ * are the forward's outputs (`entropy` is needed only when grad_entropy != NULL). grad_logits
+ * has its own outer strides and may be the logits themselves (same strides) to work in place.
+ */
+GSPO4J_API gspo4j_status gspo4j_token_logprob_backward(
+    int32_t device, void* stream,
+    const void* logits, int32_t dtype, int64_t batch, int64_t seq, int64_t vocab,
+    int64_t stride_batch, int64_t stride_seq,
+    const int64_t* targets, double temperature,
+    const double* lse, const float* entropy,
+    const float* grad_logprob, const float* grad_entropy,
+    void* grad_logits, int64_t grad_stride_batch, int64_t grad_stride_seq);
+
+/*
+ * Per-response mean log-ratio: log_ratio[b] = (1/L_b) sum_t m (lp - olp), 0 when L_b = 0;
+ * old_logprob NULL means on-policy (olp = lp). lengths (nullable) receives L_b.
+ * No clamp is applied here.
+ */
+GSPO4J_API gspo4j_status gspo4j_sequence_log_ratio(
+    int32_t device, void* stream,
+    int64_t batch, int64_t seq, int64_t tokens, const int64_t* offsets,
+    const float* logprob, const float* old_logprob, const uint8_t* mask,
+    int32_t check_finite, float* log_ratio, float* lengths);
+
+/*
+ * The policy loss of `config` and its per-token coefficients.
+ * logprob: the forward's log-probs. old_logprob: NULL for on-policy. ref_logprob: needed when
+ * kl_coef != 0. entropy: needed when entropy_coef != 0, optional otherwise (for the metric).
+ * advantages: per response [batch] (advantages_per_token = 0) or per token.
+ * Writes loss[0], grad_logprob[tokens] = dLoss/dlp, grad_entropy[tokens] = dLoss/dH (nullable;
+ * all zero when entropy_coef = 0) and metrics[GSPO4J_METRIC_COUNT] (nullable).
+ */
+GSPO4J_API gspo4j_status gspo4j_policy_loss(
+    int32_t device, void* stream, const gspo4j_loss_config* config,
+    int64_t batch, int64_t seq, int64_t tokens, const int64_t* offsets,
+    const float* logprob, const float* old_logprob, const uint8_t* mask,
+    const float* advantages, int32_t advantages_per_token,
+    const float* ref_logprob, const float* entropy,
+    float* loss, float* grad_logprob, float* grad_entropy, float* metrics);
+
+/*
+ * Group-relative advantages of outcome rewards (float32[count]).
+ * Groups are contiguous runs of group_size responses (group_ids NULL; group_size must divide
+ * count) or the responses sharing a value of group_ids (int64[count]; group_size ignored).
+ * A group whose rewards are all equal gets exactly 0; a group of one gets 0 for MEAN_STD and
+ * MEAN and is an error for RLOO. eps: MEAN_STD's denominator guard (SPEC default 1e-6).
+ */
+GSPO4J_API gspo4j_status gspo4j_group_advantages(
+    int32_t device, void* stream,
+    int64_t count, const float* rewards, int64_t group_size, const int64_t* group_ids,
+    int32_t mode, double eps, int32_t check_finite, float* advantages);
+
+/*
+ * Generalised advantage estimation over each response's counted tokens, in order:
+ *   delta_t = r_t + gamma * V_next - V_t,  A_t = delta_t + gamma * lambda * A_next,
+ * where "next" is the response's next counted token (V and A zero past the last one).
+ * Tokens with m = 0 are skipped and get advantage 0 and return 0; returns = A + V.
+ */
+GSPO4J_API gspo4j_status gspo4j_gae(
+    int32_t device, void* stream,
+    int64_t batch, int64_t seq, int64_t tokens, const int64_t* offsets,
+    const float* rewards, const float* values, const uint8_t* mask,
+    double gamma, double lambda, int32_t check_finite,
+    float* advantages, float* returns);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* GSPO4J_H */

@@ -1,0 +1,130 @@
+// CPU group advantages (SPEC.md "Advantages") and GAE ("PPO advantages").
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "cpu_ops.h"
+#include "parallel.h"
+
+namespace gspo4j {
+namespace cpu {
+namespace {
+
+// Advantages of one group, given the indices of its members. Sums in float64.
+void advantages_of_group(const float* rewards, const int64_t* members, int64_t size, int32_t mode, double eps,
+                         const int64_t* group_ids, float* advantages) {
+    float low = rewards[members[0]];
+    float high = low;
+    double sum = 0.0;
+    for (int64_t k = 0; k < size; ++k) {
+        const float r = rewards[members[k]];
+        low = std::min(low, r);
+        high = std::max(high, r);
+        sum += r;
+    }
+    if (mode == GSPO4J_ADVANTAGE_RLOO && size < 2) {
+        fail(GSPO4J_ERROR_INVALID_ARGUMENT,
+             "RLOO needs at least 2 responses per group; the group of response " + std::to_string(members[0]) +
+                 (group_ids ? " (group id " + std::to_string(group_ids[members[0]]) + ")" : std::string()) + " has 1");
+    }
+    // All equal (a group of one included): exactly 0, not rounding residue divided by eps.
+    if (low == high) {
+        for (int64_t k = 0; k < size; ++k) advantages[members[k]] = 0.0f;
+        return;
+    }
+    const double n = static_cast<double>(size);
+    const double mean = sum / n;
+    if (mode == GSPO4J_ADVANTAGE_MEAN) {
+        for (int64_t k = 0; k < size; ++k) advantages[members[k]] = static_cast<float>(rewards[members[k]] - mean);
+    } else if (mode == GSPO4J_ADVANTAGE_RLOO) {
+        for (int64_t k = 0; k < size; ++k) {
+            const double r = rewards[members[k]];
+            advantages[members[k]] = static_cast<float>(r - (sum - r) / (n - 1.0));
+        }
+    } else {
+        double squares = 0.0;
+        for (int64_t k = 0; k < size; ++k) {
+            const double centred = rewards[members[k]] - mean;
+            squares += centred * centred;
+        }
+        const double std_dev = std::sqrt(squares / (n - 1.0));
+        for (int64_t k = 0; k < size; ++k) {
+            advantages[members[k]] = static_cast<float>((rewards[members[k]] - mean) / (std_dev + eps));
+        }
+    }
+}
+
+}  // namespace
+
+void group_advantages(int64_t count, const float* rewards, int64_t group_size, const int64_t* group_ids,
+                      int32_t mode, double eps, bool check_finite, float* advantages) {
+    if (check_finite) {
+        for (int64_t i = 0; i < count; ++i) {
+            if (!std::isfinite(rewards[i])) {
+                fail(GSPO4J_ERROR_NON_FINITE, "rewards[" + std::to_string(i) + "] = " + std::to_string(rewards[i]) + " is not finite");
+            }
+        }
+    }
+    std::vector<int64_t> order(static_cast<size_t>(count));
+    std::iota(order.begin(), order.end(), int64_t{0});
+    if (group_ids == nullptr) {
+        if (count % group_size != 0) {
+            fail(GSPO4J_ERROR_INVALID_ARGUMENT, "group_size " + std::to_string(group_size) + " does not divide the " +
+                                                    std::to_string(count) + " rewards");
+        }
+        for (int64_t start = 0; start < count; start += group_size) {
+            advantages_of_group(rewards, order.data() + start, group_size, mode, eps, nullptr, advantages);
+        }
+        return;
+    }
+    // Group ids in any order: a stable sort by id makes each group a run of `order`.
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return group_ids[a] < group_ids[b]; });
+    for (int64_t start = 0; start < count;) {
+        int64_t stop = start + 1;
+        while (stop < count && group_ids[order[stop]] == group_ids[order[start]]) ++stop;
+        advantages_of_group(rewards, order.data() + start, stop - start, mode, eps, group_ids, advantages);
+        start = stop;
+    }
+}
+
+void gae(const TokenLayout& layout, const float* rewards, const float* values, const uint8_t* mask, double gamma,
+         double lambda, bool check_finite, float* advantages, float* returns) {
+    check_layout(layout);
+    if (check_finite) {
+        for (int64_t i = 0; i < layout.tokens; ++i) {
+            if (mask && mask[i] == 0) continue;
+            for (const float* array : {rewards, values}) {
+                if (!std::isfinite(array[i])) {
+                    fail(GSPO4J_ERROR_NON_FINITE, std::string(array == rewards ? "rewards" : "values") + "[" +
+                                                      std::to_string(i) + "] = " + std::to_string(array[i]) + " is not finite");
+                }
+            }
+        }
+    }
+    const int64_t mean_length = layout.batch > 0 ? std::max<int64_t>(1, layout.tokens / layout.batch) : 1;
+    parallel_for(layout.batch, std::max<int64_t>(1, 4096 / mean_length), [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+            double next_value = 0.0;
+            double next_advantage = 0.0;
+            for (int64_t i = layout.end(b) - 1; i >= layout.begin(b); --i) {
+                if (mask && mask[i] == 0) {
+                    advantages[i] = 0.0f;
+                    returns[i] = 0.0f;
+                    continue;
+                }
+                const double value = values[i];
+                const double delta = static_cast<double>(rewards[i]) + gamma * next_value - value;
+                const double advantage = delta + gamma * lambda * next_advantage;
+                advantages[i] = static_cast<float>(advantage);
+                returns[i] = static_cast<float>(advantage + value);
+                next_value = value;
+                next_advantage = advantage;
+            }
+        }
+    });
+}
+
+}  // namespace cpu
+}  // namespace gspo4j
