@@ -315,8 +315,9 @@ void policy_loss(const gspo4j_loss_config& config, const TokenLayout& layout, co
         total.approx_kl += part.approx_kl;
         total.entropy_sum += part.entropy_sum;
     }
-    const double policy_loss = level == GSPO4J_RATIO_SEQUENCE ? -response_scale * total.surrogate : -total.surrogate;
-    const double value = policy_loss + config.kl_coef * total.kl - config.entropy_coef * total.entropy;
+    // "+ 0.0" turns the -0.0 of an empty batch into 0.0.
+    const double policy_loss = (level == GSPO4J_RATIO_SEQUENCE ? -response_scale * total.surrogate : -total.surrogate) + 0.0;
+    const double value = policy_loss + config.kl_coef * total.kl - config.entropy_coef * total.entropy + 0.0;
     loss[0] = static_cast<float>(value);
     if (metrics) {
         // Clip decisions are per response for GSPO and per counted token otherwise.

@@ -252,7 +252,12 @@ final class Reference {
      * surrogate depends on lp only through the stop-gradient expression s_b exp(lp - sg(lp)), which
      * differencing the value cannot see; {@link #sequenceTokenGradient} differences that expression.
      */
-    static LossResult loss(LossSettings s, LossInputs in) {
+    static LossResult loss(LossSettings s, LossInputs onOrOffPolicy) {
+        // On-policy, olp = sg(lp): a frozen copy, so the differences see the ratio move.
+        final LossInputs in = onOrOffPolicy.oldLogprob() != null ? onOrOffPolicy
+                : new LossInputs(onOrOffPolicy.batch(), onOrOffPolicy.logprob(), onOrOffPolicy.logprob().clone(),
+                        onOrOffPolicy.mask(), onOrOffPolicy.advantages(), onOrOffPolicy.advantagesPerToken(),
+                        onOrOffPolicy.refLogprob(), onOrOffPolicy.entropy());
         final LossValue value = lossValue(s, in);
         final int tokens = in.logprob().length;
         final double[] gradLogprob = new double[tokens];
