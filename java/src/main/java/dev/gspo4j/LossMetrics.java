@@ -1,0 +1,71 @@
+package dev.gspo4j;
+
+import dev.gspo4j.internal.Metric;
+import org.bytedeco.pytorch.Tensor;
+
+/**
+ * SPEC.md's metrics of one loss call. They stay in a float32 tensor on the logits' device until a
+ * number is asked for: reading one copies the whole set once (a device sync on a GPU).
+ * Clip fractions and ratio statistics are per response for GSPO and per counted token for
+ * GSPO-token, GRPO and PPO.
+ */
+public final class LossMetrics implements AutoCloseable {
+    private final Tensor values;
+    private float[] host;
+
+    LossMetrics(Tensor values) {
+        this.values = values;
+    }
+
+    /** The metrics as a float32 tensor {@code [13]} in {@link Metric} order, without a sync. */
+    public Tensor tensor() {
+        return values;
+    }
+
+    private float get(Metric metric) {
+        if (host == null) {
+            try (Tensor cpu = values.cpu().contiguous()) {
+                final float[] copy = new float[Metric.COUNT];
+                cpu.data_ptr_float().get(copy);
+                host = copy;
+            }
+        }
+        return host[metric.index()];
+    }
+
+    /** The surrogate part of the loss. */
+    public float policyLoss() { return get(Metric.POLICY_LOSS); }
+    /** The aggregated KL term before its coefficient (0 without KL). */
+    public float kl() { return get(Metric.KL); }
+    /** The aggregated entropy before its coefficient. */
+    public float entropy() { return get(Metric.ENTROPY); }
+    /** Fraction clipped at 1 - eps_low with a negative advantage. */
+    public float clipFractionLow() { return get(Metric.CLIP_FRACTION_LOW); }
+    /** Fraction clipped at 1 + eps_high with a positive advantage. */
+    public float clipFractionHigh() { return get(Metric.CLIP_FRACTION_HIGH); }
+    /** Fraction held at c * A by the dual clip. */
+    public float dualClipFraction() { return get(Metric.DUAL_CLIP_FRACTION); }
+    public float ratioMean() { return get(Metric.RATIO_MEAN); }
+    public float ratioMin() { return get(Metric.RATIO_MIN); }
+    public float ratioMax() { return get(Metric.RATIO_MAX); }
+    /** Token mean of old log-prob minus log-prob. */
+    public float approxKl() { return get(Metric.APPROX_KL); }
+    /** Token mean of the entropy. */
+    public float entropyMean() { return get(Metric.ENTROPY_MEAN); }
+    /** Responses with at least one counted token. */
+    public int sequences() { return Math.round(get(Metric.SEQUENCES)); }
+    /** Counted tokens. */
+    public int tokens() { return Math.round(get(Metric.TOKENS)); }
+
+    @Override
+    public void close() {
+        values.close();
+    }
+
+    @Override
+    public String toString() {
+        return String.format("loss_pi=%.6g kl=%.6g H=%.6g clip_low=%.4f clip_high=%.4f dual=%.4f ratio=%.6g [%.6g, %.6g] "
+                + "approx_kl=%.6g sequences=%d tokens=%d", policyLoss(), kl(), entropyMean(), clipFractionLow(),
+                clipFractionHigh(), dualClipFraction(), ratioMean(), ratioMin(), ratioMax(), approxKl(), sequences(), tokens());
+    }
+}
