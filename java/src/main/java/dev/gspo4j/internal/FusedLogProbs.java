@@ -71,7 +71,16 @@ public final class FusedLogProbs implements AutoCloseable {
     private TensorTensorHook gradientHook;
     private FloatPointer tokenMemory;
     private volatile Tensor upstream;
-    private Tensor lastGradient;
+    // The gradient just handed to autograd. Our Java reference must be gone before the logits'
+    // own node sees it: AccumulateGrad clones a gradient someone else still holds (2x memory).
+    private Tensor pendingGradient;
+    private final TensorTensorHook releaseHook = new TensorTensorHook() {
+        @Override
+        public TensorBase call(TensorBase grad) {
+            releasePendingGradient();
+            return grad;
+        }
+    };
 
     /**
      * Takes its own references to every tensor (the caller keeps and closes its own).
@@ -131,8 +140,35 @@ public final class FusedLogProbs implements AutoCloseable {
                 grad = logitsGradient(s);
             }
         }
-        try (grad) {
-            logits.backward(grad, new BoolOptional(), false, new TensorArrayRefOptional());
+        if (logits.is_leaf()) {
+            // What AccumulateGrad would do, minus its clone: a gradient someone else still holds
+            // (our reference, backward()'s argument list) is copied, doubling the memory.
+            try (Tensor current = logits.grad()) {
+                if (current.defined()) {
+                    current.add_(grad);
+                } else {
+                    logits.mutable_grad().put(grad);
+                }
+            } finally {
+                grad.close();
+            }
+            return;
+        }
+        // Through an alias whose hook drops our reference to the gradient before the model's
+        // node runs, so the buffer is freed as soon as that node is done with it.
+        pendingGradient = grad;
+        try (Tensor alias = logits.alias()) {
+            alias.register_hook(releaseHook);
+            alias.backward(grad, new BoolOptional(), false, new TensorArrayRefOptional());
+        } finally {
+            releasePendingGradient();
+        }
+    }
+
+    private synchronized void releasePendingGradient() {
+        if (pendingGradient != null) {
+            pendingGradient.close();
+            pendingGradient = null;
         }
     }
 
@@ -152,15 +188,18 @@ public final class FusedLogProbs implements AutoCloseable {
         final Tensor anchor = torch.zeros(new long[0]).set_requires_grad(true);
         // Created before the alias: a lower sequence number, so it runs after the alias hook.
         final Tensor lifetime = anchor.mul(token);
-        final Tensor alias = logits.alias();
+        // logits -> released (hook: drop our reference) -> alias (hook: the gradient) -> sum
+        final Tensor released = logits.alias();
+        released.register_hook(releaseHook);
+        final Tensor alias = released.alias();
         gradientHook = new TensorTensorHook() {
             @Override
             public TensorBase call(TensorBase ignored) {
+                releasePendingGradient();
                 final Tensor grad = logitsGradient(upstream);
-                if (lastGradient != null) {
-                    lastGradient.close();
+                synchronized (FusedLogProbs.this) {
+                    pendingGradient = grad;
                 }
-                lastGradient = grad;
                 return grad;
             }
         };
@@ -185,7 +224,7 @@ public final class FusedLogProbs implements AutoCloseable {
         final Tensor keepAlive = lifetime.mul(new Scalar(0.0));
         final Tensor partial = value.add(guarded);
         final Tensor loss = partial.add(keepAlive);
-        for (Tensor t : new Tensor[] {token, anchor, lifetime, alias, sum, sum32, attached, one, guarded, keepAlive, partial}) {
+        for (Tensor t : new Tensor[] {token, anchor, lifetime, released, alias, sum, sum32, attached, one, guarded, keepAlive, partial}) {
             t.close();
         }
         return loss;
@@ -199,13 +238,13 @@ public final class FusedLogProbs implements AutoCloseable {
     /** Releases every reference; idempotent. */
     @Override
     public synchronized void close() {
-        for (Tensor t : new Tensor[] {logits, targets, lse, entropy, gradLogprob, gradEntropy, upstream, lastGradient}) {
+        for (Tensor t : new Tensor[] {logits, targets, lse, entropy, gradLogprob, gradEntropy, upstream, pendingGradient}) {
             if (t != null && !t.isNull()) {
                 t.close();
             }
         }
         upstream = null;
-        lastGradient = null;
+        pendingGradient = null;
         if (tokenMemory != null) {
             tokenMemory.close();
             tokenMemory = null;
