@@ -8,6 +8,8 @@ import static org.junit.jupiter.api.Assertions.fail;
 
 import dev.gspo4j.internal.FusedLogProbs;
 import dev.gspo4j.internal.LossSettings;
+import dev.gspo4j.internal.Metric;
+import dev.gspo4j.internal.ReferenceMetrics;
 import dev.gspo4j.internal.RatioLevel;
 import java.util.ArrayList;
 import java.util.List;
@@ -142,7 +144,45 @@ class PolicyLossModuleTest {
                 assertClose(want.logProbs(), result.logProbs(), 1e-5, 1e-6, label + " logProbs");
                 assertClose(want.entropy(), result.entropy(), 1e-5, 1e-6, label + " entropy");
                 assertClose(reference.grad(), logits.grad(), gradRelative, 1e-3 * maxAbs(reference.grad()), label + " dLoss/dlogits");
+                assertMetrics(c, batch, want, result.metrics(), label);
             }
+        }
+    }
+
+    /** Every metric against the double-precision reference fed the composite's log-probs and entropy. */
+    static void assertMetrics(Case c, Batch batch, CompositeLoss.Output want, LossMetrics got, String label) {
+        final int n = batch.b * batch.t;
+        final boolean[] mask = new boolean[n];
+        final double[] old = new double[n];
+        final double[] ref = new double[n];
+        for (int i = 0; i < n; i++) {
+            mask[i] = batch.maskValues[i] != 0;
+            old[i] = batch.oldValues[i];
+            ref[i] = batch.refValues[i];
+        }
+        final float[] adv = c.tokenAdvantages ? batch.tokenAdvantages : batch.sequenceAdvantages;
+        final double[] advantages = new double[adv.length];
+        for (int i = 0; i < adv.length; i++) {
+            advantages[i] = adv[i];
+        }
+        final double[] expected = ReferenceMetrics.of(c.settings, batch.b, batch.t, doubles(want.logProbs()), c.onPolicy ? null : old,
+                mask, advantages, c.tokenAdvantages, ref, doubles(want.entropy()));
+        try (Tensor values = got.tensor().to(ScalarType.Double).contiguous()) {
+            for (Metric m : Metric.values()) {
+                final double actual = values.data_ptr_double().get(m.index());
+                final double w = expected[m.index()];
+                if (!(Math.abs(actual - w) <= 1e-4 * Math.abs(w) + 1e-6)) {
+                    fail(String.format("%s metric %s: want %.9g got %.9g", label, m, w, actual));
+                }
+            }
+        }
+    }
+
+    static double[] doubles(Tensor t) {
+        try (Tensor d = t.to(ScalarType.Double).contiguous()) {
+            final double[] out = new double[(int) d.numel()];
+            d.data_ptr_double().get(out);
+            return out;
         }
     }
 
@@ -357,6 +397,51 @@ class PolicyLossModuleTest {
                 }
                 assertEquals(before, FusedLogProbs.liveGraphs());
             }
+        }
+    }
+
+    @Test
+    void manyMicroBatchLossesThenOneBackward() {
+        // Gradient accumulation: 40 losses (40 live graphs and hooks) summed, one backward.
+        final PolicyLoss grpo = PolicyLoss.grpo().build();
+        final int before = FusedLogProbs.liveGraphs();
+        final List<Batch> batches = new ArrayList<>();
+        for (int k = 0; k < 40; k++) {
+            batches.add(new Batch(200 + k, 2, 3, 11, 0.4));
+        }
+        try (Tensor shared = batches.get(0).logits(ScalarType.Float); Tensor separate = shared.detach().clone().set_requires_grad(true)) {
+            Tensor total = null;
+            final List<LossResult> results = new ArrayList<>();
+            for (Batch batch : batches) {
+                final LossResult r = grpo.compute(LossInput.builder().logits(shared).targets(batch.targets()).mask(batch.mask())
+                        .oldLogProbs(batch.old()).advantages(batch.sequenceAdvantages()).build());
+                results.add(r);
+                total = total == null ? r.loss() : total.add(r.loss());
+            }
+            assertEquals(before + 40, FusedLogProbs.liveGraphs());
+            total.backward();
+            for (Batch batch : batches) {
+                try (LossResult r = grpo.compute(LossInput.builder().logits(separate).targets(batch.targets()).mask(batch.mask())
+                        .oldLogProbs(batch.old()).advantages(batch.sequenceAdvantages()).build())) {
+                    r.backward();
+                }
+            }
+            assertClose(separate.grad(), shared.grad(), 1e-5, 1e-8, "accumulated gradient");
+            results.forEach(LossResult::close);
+            total.close();
+            assertEquals(before, FusedLogProbs.liveGraphs());
+        }
+    }
+
+    @Test
+    void tensorsOnAnotherDeviceAreRejected() {
+        final Batch batch = new Batch(131, 2, 3, 10, 0.4);
+        try (Tensor logits = batch.logits(ScalarType.Float); Tensor targets = batch.targets(); Tensor adv = batch.sequenceAdvantages();
+                Tensor meta = logits.detach().to(new org.bytedeco.pytorch.Device("meta"), ScalarType.Float);
+                Tensor metaMask = torch.ones(2, 3).to(new org.bytedeco.pytorch.Device("meta"), ScalarType.Float)) {
+            expectBad(PolicyLoss.grpo().build(), LossInput.builder().logits(meta).targets(targets).advantages(adv), "logits are on meta");
+            expectBad(PolicyLoss.grpo().build(), LossInput.builder().logits(logits).targets(targets).mask(metaMask).advantages(adv),
+                    "mask is on meta but the logits are on cpu");
         }
     }
 
