@@ -434,6 +434,46 @@ class PolicyLossModuleTest {
     }
 
     @Test
+    void concurrentCallsMatchSequentialOnes() throws Exception {
+        final PolicyLoss grpo = PolicyLoss.grpo().kl(0.05, KlEstimator.K3).entropyCoefficient(0.01).build();
+        final int threads = 4;
+        final float[][] sequential = new float[threads][];
+        final java.util.function.IntFunction<float[]> run = k -> {
+            final Batch batch = new Batch(300 + k, 3, 5, 300, 0.4);
+            try (Tensor logits = batch.logits(ScalarType.BFloat16); Tensor targets = batch.targets(); Tensor mask = batch.mask();
+                    Tensor old = batch.old(); Tensor ref = batch.ref(); Tensor adv = batch.sequenceAdvantages();
+                    LossResult r = grpo.compute(LossInput.builder().logits(logits).targets(targets).mask(mask).oldLogProbs(old)
+                            .refLogProbs(ref).advantages(adv).build())) {
+                r.loss().backward();
+                try (Tensor g = logits.grad().to(ScalarType.Float).contiguous()) {
+                    final float[] out = new float[(int) g.numel() + 1];
+                    g.data_ptr_float().get(out, 0, out.length - 1);
+                    out[out.length - 1] = r.lossValue().item_float();
+                    return out;
+                }
+            }
+        };
+        for (int k = 0; k < threads; k++) {
+            sequential[k] = run.apply(k);
+        }
+        final java.util.concurrent.ExecutorService pool = java.util.concurrent.Executors.newFixedThreadPool(threads);
+        try {
+            for (int round = 0; round < 5; round++) {
+                final List<java.util.concurrent.Future<float[]>> futures = new ArrayList<>();
+                for (int k = 0; k < threads; k++) {
+                    final int id = k;
+                    futures.add(pool.submit(() -> run.apply(id)));
+                }
+                for (int k = 0; k < threads; k++) {
+                    org.junit.jupiter.api.Assertions.assertArrayEquals(sequential[k], futures.get(k).get(), "thread " + k);
+                }
+            }
+        } finally {
+            pool.shutdown();
+        }
+    }
+
+    @Test
     void tensorsOnAnotherDeviceAreRejected() {
         final Batch batch = new Batch(131, 2, 3, 10, 0.4);
         try (Tensor logits = batch.logits(ScalarType.Float); Tensor targets = batch.targets(); Tensor adv = batch.sequenceAdvantages();
