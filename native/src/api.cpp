@@ -200,11 +200,11 @@ gspo4j_status gspo4j_token_logprob_backward(int32_t device, void* stream, const 
     const gspo4j::LogitsView view = check.logits(logits, dtype, batch, seq, vocab, stride_batch, stride_seq);
     check.temperature(temperature);
     check.strides(batch, seq, vocab, grad_stride_batch, grad_stride_seq, "grad_logits", true);
-    if (grad_logits == logits) {
-        check.require(grad_stride_batch == stride_batch && grad_stride_seq == stride_seq,
-                      "in place (grad_logits == logits) needs the same strides");
-    }
     if (view.rows() > 0) {
+        if (grad_logits == logits) {
+            check.require(grad_stride_batch == stride_batch && grad_stride_seq == stride_seq,
+                          "in place (grad_logits == logits) needs the same strides");
+        }
         check.pointer(targets, "targets");
         check.pointer(lse, "lse");
         check.pointer(grad_logprob, "grad_logprob");

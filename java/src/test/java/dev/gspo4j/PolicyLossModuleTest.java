@@ -187,6 +187,9 @@ class PolicyLossModuleTest {
     }
 
     static double maxAbs(Tensor t) {
+        if (t.numel() == 0) {
+            return 0;
+        }
         try (Tensor a = t.abs(); Tensor m = a.max(); Tensor d = m.to(ScalarType.Double)) {
             return d.item_double();
         }

@@ -224,10 +224,11 @@ public final class Kernels {
         } else {
             Checks.capacity(groupIds, count, "groupIds");
         }
-        if (count > 0) {
-            Checks.capacity(rewards, count, "rewards");
-            Checks.capacity(advantages, count, "advantages");
+        if (count == 0) {
+            return; // nothing to do (and an empty tensor's ids pointer is NULL, which means "contiguous")
         }
+        Checks.capacity(rewards, count, "rewards");
+        Checks.capacity(advantages, count, "advantages");
         check(Gspo4jLibrary.gspo4j_group_advantages(device.code, stream, count, rewards, groupSize, groupIds, mode.code(),
                 eps, checkFinite ? 1 : 0, advantages));
     }
