@@ -12,7 +12,8 @@ import org.bytedeco.pytorch.global.torch.ScalarType;
 
 /**
  * Advantages from rewards (SPEC.md "Advantages", "PPO advantages"), by gspo4j's kernels. Inputs are
- * not modified; results are new float32 tensors on the rewards' device (or new arrays).
+ * not modified; results are new float32 tensors on the rewards' device (or new arrays), owned by
+ * the caller. Stateless and thread-safe.
  */
 public final class Advantages {
     /** SPEC.md's default eps of MEAN_STD. */

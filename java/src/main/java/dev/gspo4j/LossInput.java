@@ -13,7 +13,8 @@ import org.bytedeco.pytorch.Tensor;
  * small (O(N)); any that is not already contiguous in the dtype the kernels use (int64 ids and
  * offsets, uint8 mask, float32 values) is converted, a copy of O(N).
  *
- * <p>Holds references to the caller's tensors, not copies; it does not close them.
+ * <p>Holds references to the caller's tensors, not copies; it does not close them. Immutable once
+ * built; it may be shared between threads as long as nobody writes into its tensors meanwhile.
  */
 public final class LossInput {
     final Tensor logits;

@@ -7,7 +7,7 @@ import org.bytedeco.pytorch.Tensor;
  * SPEC.md's metrics of one loss call. They stay in a float32 tensor on the logits' device until a
  * number is asked for: reading one copies the whole set once (a device sync on a GPU).
  * Clip fractions and ratio statistics are per response for GSPO and per counted token for
- * GSPO-token, GRPO and PPO.
+ * GSPO-token, GRPO and PPO. Belongs to its {@link LossResult}: not thread-safe.
  */
 public final class LossMetrics implements AutoCloseable {
     private final Tensor values;

@@ -438,8 +438,9 @@ class PolicyLossModuleTest {
 
     @Test
     void concurrentCallsMatchSequentialOnes() throws Exception {
+        // 8 threads, each on its own tensors, 5 rounds: bitwise the results of one thread.
         final PolicyLoss grpo = PolicyLoss.grpo().kl(0.05, KlEstimator.K3).entropyCoefficient(0.01).build();
-        final int threads = 4;
+        final int threads = 8;
         final float[][] sequential = new float[threads][];
         final java.util.function.IntFunction<float[]> run = k -> {
             final Batch batch = new Batch(300 + k, 3, 5, 300, 0.4);
