@@ -2,12 +2,8 @@ package dev.gspo4j;
 
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
-import java.io.BufferedReader;
-import java.io.InputStreamReader;
-import java.nio.charset.StandardCharsets;
 import java.nio.file.Files;
 import java.nio.file.Path;
-import java.util.HashMap;
 import java.util.List;
 import java.util.Map;
 import org.junit.jupiter.api.Assumptions;
@@ -21,24 +17,9 @@ import org.junit.jupiter.api.Test;
 class MemoryFootprintTest {
 
     static Map<String, Long> probe(String mode) throws Exception {
-        final String java = Path.of(System.getProperty("java.home"), "bin", "java").toString();
-        final Process process = new ProcessBuilder(List.of(java, "-Xms64m", "-Xmx64m", "-XX:+AlwaysPreTouch",
-                "-Dorg.bytedeco.javacpp.maxBytes=0", "-Dorg.bytedeco.javacpp.maxPhysicalBytes=0",
-                "-cp", System.getProperty("java.class.path"), MemoryProbe.class.getName(), mode))
-                .redirectErrorStream(true).start();
-        final Map<String, Long> values = new HashMap<>();
-        final StringBuilder output = new StringBuilder();
-        try (BufferedReader reader = new BufferedReader(new InputStreamReader(process.getInputStream(), StandardCharsets.UTF_8))) {
-            String line;
-            while ((line = reader.readLine()) != null) {
-                output.append(line).append('\n');
-                final int eq = line.indexOf('=');
-                if (eq > 0 && line.substring(eq + 1).matches("-?[0-9]+")) {
-                    values.put(line.substring(0, eq), Long.parseLong(line.substring(eq + 1)));
-                }
-            }
-        }
-        assertTrue(process.waitFor() == 0 && values.containsKey("extra"), "probe " + mode + " failed:\n" + output);
+        final Map<String, Long> values = ChildJvm.run(List.of("-Xms64m", "-Xmx64m", "-XX:+AlwaysPreTouch",
+                "-Dorg.bytedeco.javacpp.maxBytes=0", "-Dorg.bytedeco.javacpp.maxPhysicalBytes=0"), MemoryProbe.class, mode);
+        assertTrue(values.containsKey("extra"), "probe " + mode + " printed no result: " + values);
         return values;
     }
 
