@@ -13,10 +13,10 @@ import org.bytedeco.pytorch.global.torch.ScalarType;
  * the SPEC.md formulas in tensor ops, differentiated by libtorch's autograd. Padded layout only
  * ([B, T, V] logits, [B, T] per-token tensors); the packed layout is checked against the padded one.
  */
-final class CompositeLoss {
+public final class CompositeLoss {
     private CompositeLoss() {}
 
-    record Output(Tensor loss, Tensor logProbs, Tensor entropy) {}
+    public record Output(Tensor loss, Tensor logProbs, Tensor entropy) {}
 
     static ScalarOptional s(double v) {
         return new ScalarOptional(new Scalar(v));
@@ -32,7 +32,7 @@ final class CompositeLoss {
      * @param oldLogProbs [B, T] or null (on-policy)
      * @param advantages [B] or [B, T]
      */
-    static Output compute(LossSettings st, double temperature, Tensor logits, Tensor targets, Tensor mask, Tensor oldLogProbs,
+    public static Output compute(LossSettings st, double temperature, Tensor logits, Tensor targets, Tensor mask, Tensor oldLogProbs,
             Tensor refLogProbs, Tensor advantages, boolean tokenAdvantages) {
         final ScalarType type = logits.scalar_type();
         final Tensor logSoftmax = logits.div(sc(temperature)).log_softmax(-1);

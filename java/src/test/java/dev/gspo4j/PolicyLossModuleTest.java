@@ -30,7 +30,7 @@ import org.junit.jupiter.params.provider.EnumSource;
 import org.junit.jupiter.params.provider.MethodSource;
 
 /** The loss modules on libtorch against the plain composite (log_softmax + gather + autograd). */
-class PolicyLossModuleTest {
+public class PolicyLossModuleTest {
 
     /** A random padded batch: response 1 is empty, the others have random lengths. */
     static final class Batch {
@@ -99,7 +99,8 @@ class PolicyLossModuleTest {
     record Case(String name, PolicyLoss loss, LossSettings settings, double temperature, boolean tokenAdvantages,
             boolean onPolicy) {}
 
-    static LossSettings settingsOf(PolicyLoss loss) {
+    /** The settings inside a PolicyLoss (for references that need them). */
+    public static LossSettings settingsOf(PolicyLoss loss) {
         try {
             final var field = PolicyLoss.class.getDeclaredField("settings");
             field.setAccessible(true);
