@@ -5,8 +5,9 @@ import org.bytedeco.pytorch.Tensor;
 
 /**
  * The loss of one call, its per-token log-probs and entropy, and its metrics. Not thread-safe: one
- * owner. {@link #close()} releases this object's tensors; a differentiable loss already handed out
- * by {@link #loss()} stays usable (its graph owns what its backward needs).
+ * owner. {@link #close()} releases every tensor this object handed out, the one {@link #loss()}
+ * returned included (clone what must outlive it); tensors computed from them, such as
+ * {@code loss().mul(2)}, stay valid and keep their graph, which owns what its backward needs.
  */
 public final class LossResult implements AutoCloseable {
     private final Tensor lossValue;

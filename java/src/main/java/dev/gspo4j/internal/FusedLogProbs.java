@@ -23,15 +23,17 @@ import org.bytedeco.pytorch.global.torch.ScalarType;
  * a differentiable loss tensor (one more read, by a {@code sum}).
  *
  * <p>The presets offer no custom autograd Function for Java, so the differentiable loss is built
- * from stock ops plus two hooks:
+ * from stock ops plus three hooks:
  * <pre>
- *   loss = value + float(alias(logits).sum()).clamp(0, 0) * one + 0 * (anchor * token)
+ *   loss = value + float(alias(released(logits)).sum()).clamp(0, 0) * one + 0 * (anchor * token)
  * </pre>
  * {@code value} is the kernels' loss; the clamp term is exactly 0 whatever the sum (even an fp16
  * overflow to Inf) and puts the logits on the graph. A hook on the float32 clamp output records the
- * upstream gradient d(total)/d(loss) exactly; the hook on the alias then receives sum's stride-0
- * expanded gradient (no [N, V] allocation) and returns the fused backward kernel's gradient
- * scaled by that upstream value.
+ * upstream gradient d(total)/d(loss) exactly; the hook on {@code alias} then receives sum's
+ * stride-0 expanded gradient (no [N, V] allocation) and returns the fused backward kernel's
+ * gradient scaled by that upstream value; the hook on {@code released}, the next node, drops our
+ * Java reference to that gradient before the logits' own node sees it (AccumulateGrad clones a
+ * gradient somebody else still holds).
  *
  * <p>Lifetime: the hooks are Java callbacks and must stay reachable as long as the graph can call
  * them; the forward's tensors (logits, lse, coefficients) likewise. {@code token} is a one-element
