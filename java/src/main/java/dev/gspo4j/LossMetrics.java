@@ -24,9 +24,9 @@ public final class LossMetrics implements AutoCloseable {
 
     private float get(Metric metric) {
         if (host == null) {
-            try (Tensor cpu = values.cpu().contiguous()) {
+            try (Tensor cpu = values.cpu(); Tensor contiguous = cpu.contiguous()) {
                 final float[] copy = new float[Metric.COUNT];
-                cpu.data_ptr_float().get(copy);
+                contiguous.data_ptr_float().get(copy);
                 host = copy;
             }
         }

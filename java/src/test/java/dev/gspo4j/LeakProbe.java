@@ -26,24 +26,35 @@ public final class LeakProbe {
                 System.gc();
                 afterWarmUp = rss();
             }
+            if (i % 2000 == 0 && System.getProperty("leak.trace") != null) {
+                System.out.println("trace " + i + " rss " + rss() / 1000000 + " MB");
+            }
             final PolicyLoss loss = losses[i % losses.length];
             final boolean tokenAdvantages = i % losses.length == 2;
-            try (Tensor base = torch.randn(b, t, v); Tensor logits = base.to(ScalarType.BFloat16).set_requires_grad(true);
+            // Every intermediate closed: a wrapper left to the garbage collector holds native
+            // memory until a GC, which would read as a leak here.
+            try (Tensor base = torch.randn(b, t, v); Tensor logits = base.to(ScalarType.BFloat16);
                     Tensor targets = torch.randint(v, new long[] {b, t}, new TensorOptions(ScalarType.Long));
-                    Tensor old = torch.randn(b, t).mul(new Scalar(0.1)).sub(new Scalar(7.0));
-                    Tensor ref = torch.randn(b, t).sub(new Scalar(7.0));
+                    Tensor noise = torch.randn(b, t); Tensor scaled = noise.mul(new Scalar(0.1)); Tensor old = scaled.sub(new Scalar(7.0));
+                    Tensor refNoise = torch.randn(b, t); Tensor ref = refNoise.sub(new Scalar(7.0));
                     Tensor adv = tokenAdvantages ? torch.randn(b, t) : torch.randn(b);
                     Tensor mask = torch.ones(b, t);
+                    Tensor requiresGrad = logits.set_requires_grad(true);
                     LossResult result = loss.compute(tokenAdvantages
                             ? LossInput.builder().logits(logits).targets(targets).mask(mask).oldLogProbs(old).refLogProbs(ref).tokenAdvantages(adv).build()
                             : LossInput.builder().logits(logits).targets(targets).mask(mask).oldLogProbs(old).refLogProbs(ref).advantages(adv).build())) {
-                if (i % 2 == 0) {
+                final String mode = System.getProperty("leak.mode", "both");
+                if (mode.equals("build")) {
+                    result.loss();
+                } else if (mode.equals("graph") || (mode.equals("both") && i % 2 == 0)) {
                     result.loss().backward();
                 } else {
                     result.backward();
                 }
                 result.metrics().clipFractionHigh();
-                logits.grad().close();
+                try (Tensor grad = logits.mutable_grad()) {
+                    grad.reset();
+                }
             }
         }
         System.gc();

@@ -14,6 +14,7 @@ import org.bytedeco.pytorch.TensorBase;
 import org.bytedeco.pytorch.TensorArrayRefOptional;
 import org.bytedeco.pytorch.TensorOptions;
 import org.bytedeco.pytorch.TensorTensorHook;
+import org.bytedeco.pytorch.VoidTensorHook;
 import org.bytedeco.pytorch.global.torch;
 import org.bytedeco.pytorch.global.torch.ScalarType;
 
@@ -69,18 +70,20 @@ public final class FusedLogProbs implements AutoCloseable {
     private final Tensor gradLogprob;
     private final Tensor gradEntropy;
     // Graph-only state, set by attach().
-    private TensorTensorHook upstreamHook;
+    private VoidTensorHook upstreamHook;
     private TensorTensorHook gradientHook;
     private FloatPointer tokenMemory;
     private volatile Tensor upstream;
     // The gradient just handed to autograd. Our Java reference must be gone before the logits'
     // own node sees it: AccumulateGrad clones a gradient someone else still holds (2x memory).
     private Tensor pendingGradient;
-    private final TensorTensorHook releaseHook = new TensorTensorHook() {
+    // JavaCPP hands each hook an owning copy of its argument: every hook closes it, or the
+    // argument (here the [N, V] gradient) stays alive until a garbage collection.
+    private final VoidTensorHook releaseHook = new VoidTensorHook() {
         @Override
-        public TensorBase call(TensorBase grad) {
+        public void call(TensorBase grad) {
             releasePendingGradient();
-            return grad;
+            grad.close();
         }
     };
 
@@ -159,9 +162,9 @@ public final class FusedLogProbs implements AutoCloseable {
         // Through an alias whose hook drops our reference to the gradient before the model's
         // node runs, so the buffer is freed as soon as that node is done with it.
         pendingGradient = grad;
-        try (Tensor alias = logits.alias()) {
+        try (Tensor alias = logits.alias(); BoolOptional retain = new BoolOptional(); TensorArrayRefOptional inputs = new TensorArrayRefOptional()) {
             alias.register_hook(releaseHook);
-            alias.backward(grad, new BoolOptional(), false, new TensorArrayRefOptional());
+            alias.backward(grad, retain, false, inputs);
         } finally {
             releasePendingGradient();
         }
@@ -180,14 +183,16 @@ public final class FusedLogProbs implements AutoCloseable {
      * it; do not close it.
      */
     public Tensor attach(Tensor value) {
-        final ScalarOptional zero = new ScalarOptional(new Scalar(0.0));
+        final Scalar zeroScalar = new Scalar(0.0);
+        final ScalarOptional zero = new ScalarOptional(zeroScalar);
         tokenMemory = new FloatPointer(1L).put(0, 1f);
         final Tensor token;
         try (TensorOptions options = new TensorOptions(ScalarType.Float)) {
             token = torch.from_blob(tokenMemory, new long[0], RELEASE, options);
         }
         LIVE_GRAPHS.put(tokenMemory.address(), this);
-        final Tensor anchor = torch.zeros(new long[0]).set_requires_grad(true);
+        final Tensor anchorBase = torch.zeros(new long[0]);
+        final Tensor anchor = anchorBase.set_requires_grad(true);
         // Created before the alias: a lower sequence number, so it runs after the alias hook.
         final Tensor lifetime = anchor.mul(token);
         // logits -> released (hook: drop our reference) -> alias (hook: the gradient) -> sum
@@ -197,6 +202,7 @@ public final class FusedLogProbs implements AutoCloseable {
         gradientHook = new TensorTensorHook() {
             @Override
             public TensorBase call(TensorBase ignored) {
+                ignored.close();
                 releasePendingGradient();
                 final Tensor grad = logitsGradient(upstream);
                 synchronized (FusedLogProbs.this) {
@@ -209,26 +215,29 @@ public final class FusedLogProbs implements AutoCloseable {
         final Tensor sum = alias.sum();
         final Tensor sum32 = sum.to(ScalarType.Float);
         final Tensor attached = sum32.clamp(zero, zero);
-        upstreamHook = new TensorTensorHook() {
+        upstreamHook = new VoidTensorHook() {
             @Override
-            public TensorBase call(TensorBase grad) {
+            public void call(TensorBase grad) {
                 final Tensor previous = upstream;
                 upstream = new Tensor(grad);
+                grad.close();
                 if (previous != null) {
                     previous.close();
                 }
-                return grad;
             }
         };
         attached.register_hook(upstreamHook);
         final Tensor one = torch.ones(new long[0]);
         final Tensor guarded = attached.mul(one);
-        final Tensor keepAlive = lifetime.mul(new Scalar(0.0));
+        final Tensor keepAlive = lifetime.mul(zeroScalar);
         final Tensor partial = value.add(guarded);
         final Tensor loss = partial.add(keepAlive);
-        for (Tensor t : new Tensor[] {token, anchor, lifetime, released, alias, sum, sum32, attached, one, guarded, keepAlive, partial}) {
+        for (Tensor t : new Tensor[] {token, anchor, anchorBase, lifetime, released, alias, sum, sum32, attached, one, guarded, keepAlive,
+            partial}) {
             t.close();
         }
+        zero.close();
+        zeroScalar.close();
         return loss;
     }
 

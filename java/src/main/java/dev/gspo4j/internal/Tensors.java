@@ -39,8 +39,9 @@ public final class Tensors {
 
     /** An uninitialised tensor of the given shape and dtype on {@code like}'s device. */
     public static Tensor empty(long[] shape, ScalarType type, Tensor like) {
-        try (TensorOptions options = like.options().dtype(new ScalarTypeOptional(type))) {
-            return torch.empty(shape, options, new MemoryFormatOptional());
+        try (TensorOptions base = like.options(); ScalarTypeOptional dtype = new ScalarTypeOptional(type);
+                TensorOptions options = base.dtype(dtype); MemoryFormatOptional format = new MemoryFormatOptional()) {
+            return torch.empty(shape, options, format);
         }
     }
 
