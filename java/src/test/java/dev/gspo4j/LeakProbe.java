@@ -10,7 +10,9 @@ import org.bytedeco.pytorch.global.torch.ScalarType;
 
 /**
  * Run in a child JVM by {@link LeakTest}: loss forward + backward in a loop, both backward paths
- * and several modules, printing the resident memory after a warm-up and at the end.
+ * and several modules, printing the resident memory after a warm-up and at the end. For hunting a
+ * leak by hand: {@code -Dleak.mode=graph|direct|build} runs one path only, {@code -Dleak.trace}
+ * prints the resident memory every 2,000 iterations.
  */
 public final class LeakProbe {
     public static void main(String[] args) throws Exception {
