@@ -5,7 +5,8 @@ import java.nio.file.Path;
 
 /**
  * Peak extra resident memory of one benchmark method, in a fresh JVM: {@code shape dtype method};
- * prints {@code extra=<bytes>} over the resident memory once the workload exists.
+ * prints {@code extra=<bytes>} over the resident memory once the workload exists (which includes
+ * the kernel benchmarks' warm output buffers, the gradient among them).
  */
 public final class PeakMemory {
     public static void main(String[] args) throws Exception {
@@ -30,6 +31,10 @@ public final class PeakMemory {
             case "compositeGspo" -> PolicyLossBenchmark.composite(w, PolicyLossBenchmark.GSPO);
             case "fusedGrpo" -> PolicyLossBenchmark.fused(w, PolicyLossBenchmark.GRPO);
             case "compositeGrpo" -> PolicyLossBenchmark.composite(w, PolicyLossBenchmark.GRPO);
+            case "fusedForward" -> TokenLogProbBenchmark.fusedForward(w);
+            case "compositeForward" -> TokenLogProbBenchmark.compositeForward(w).close();
+            case "fusedForwardBackward" -> TokenLogProbBenchmark.fusedForwardBackward(w);
+            case "compositeForwardBackward" -> TokenLogProbBenchmark.compositeForwardBackward(w).close();
             default -> throw new IllegalArgumentException("unknown method " + method);
         }
     }
