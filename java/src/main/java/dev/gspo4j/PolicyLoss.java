@@ -199,6 +199,16 @@ public final class PolicyLoss {
         }
     }
 
+    /** The kernels' settings (for tests and benchmarks in this package's test tree). */
+    LossSettings settings() {
+        return settings;
+    }
+
+    /** The sampling temperature tau. */
+    double temperature() {
+        return temperature;
+    }
+
     /** The options in force, for logs. */
     @Override
     public String toString() {

@@ -11,6 +11,7 @@ import java.util.ArrayList;
 import java.util.Arrays;
 import java.util.List;
 import org.bytedeco.pytorch.Scalar;
+import org.bytedeco.pytorch.T_TensorTensor_T;
 import org.bytedeco.pytorch.Tensor;
 import org.bytedeco.pytorch.global.torch;
 import org.bytedeco.pytorch.global.torch.ScalarType;
@@ -87,7 +88,8 @@ final class PreparedInput implements AutoCloseable {
         if (tokens > 0) {
             final long min;
             final long max;
-            try (Tensor lo = targets.min(); Tensor hi = targets.max()) {
+            // One pass over the ids (aminmax), not two.
+            try (T_TensorTensor_T range = targets.aminmax(); Tensor lo = range.get0(); Tensor hi = range.get1()) {
                 min = lo.item_long();
                 max = hi.item_long();
             }

@@ -351,7 +351,7 @@ class FuzzTest {
             return;
         }
         final LossSettings settings = PolicyLossModuleTest.settingsOf(loss);
-        final double temperature = temperatureOf(loss);
+        final double temperature = loss.temperature();
         try (Tensor reference = logits.detach().to(ScalarType.Double).contiguous().set_requires_grad(true)) {
             final CompositeLoss.Output want = CompositeLoss.compute(settings, temperature, reference, targets, mask, old, ref, adv, c.tokenAdvantages);
             want.loss().backward();
@@ -380,15 +380,6 @@ class FuzzTest {
         }
     }
 
-    static double temperatureOf(PolicyLoss loss) {
-        try {
-            final var field = PolicyLoss.class.getDeclaredField("temperature");
-            field.setAccessible(true);
-            return (double) field.get(loss);
-        } catch (ReflectiveOperationException e) {
-            throw new AssertionError(e);
-        }
-    }
 
     // ---- Advantages -----------------------------------------------------------------------------
 

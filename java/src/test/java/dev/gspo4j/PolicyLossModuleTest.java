@@ -101,13 +101,7 @@ public class PolicyLossModuleTest {
 
     /** The settings inside a PolicyLoss (for references that need them). */
     public static LossSettings settingsOf(PolicyLoss loss) {
-        try {
-            final var field = PolicyLoss.class.getDeclaredField("settings");
-            field.setAccessible(true);
-            return (LossSettings) field.get(loss);
-        } catch (ReflectiveOperationException e) {
-            throw new AssertionError(e);
-        }
+        return loss.settings();
     }
 
     static Case caseOf(String name, PolicyLoss.Builder builder, double temperature, boolean tokenAdvantages, boolean onPolicy) {
