@@ -132,6 +132,14 @@ int32_t gspo4j_cuda_device_count(void) {
 #endif
 }
 
+int32_t gspo4j_cuda_runtime_version(void) {
+#ifdef GSPO4J_WITH_CUDA
+    return gspo4j::cuda::runtime_version();
+#else
+    return 0;
+#endif
+}
+
 gspo4j_status gspo4j_set_num_threads(int32_t threads) {
     GSPO4J_API_BEGIN()
     Checker("gspo4j_set_num_threads").require(threads >= 1 && threads <= 1024, "threads must be in [1, 1024], got " + std::to_string(threads));

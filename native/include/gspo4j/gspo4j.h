@@ -135,6 +135,9 @@ GSPO4J_API const char* gspo4j_last_error(void);
 GSPO4J_API const char* gspo4j_version(void);
 /* Number of CUDA devices usable by this build (0 when built without CUDA or no driver). */
 GSPO4J_API int32_t gspo4j_cuda_device_count(void);
+/* The CUDA runtime version this library was built with and links statically (1000 * major +
+ * 10 * minor, e.g. 13000 for 13.0), 0 when it was built without the CUDA kernels. */
+GSPO4J_API int32_t gspo4j_cuda_runtime_version(void);
 /* CPU worker threads (default: the hardware concurrency). Results do not depend on it. */
 GSPO4J_API gspo4j_status gspo4j_set_num_threads(int32_t threads);
 GSPO4J_API int32_t gspo4j_get_num_threads(void);

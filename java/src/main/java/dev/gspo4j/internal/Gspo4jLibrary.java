@@ -69,6 +69,8 @@ final class Gspo4jLibrary {
 
     static native int gspo4j_cuda_device_count();
 
+    static native int gspo4j_cuda_runtime_version();
+
     static native int gspo4j_set_num_threads(int threads);
 
     static native int gspo4j_get_num_threads();

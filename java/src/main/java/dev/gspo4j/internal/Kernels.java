@@ -34,6 +34,14 @@ public final class Kernels {
         return Gspo4jLibrary.gspo4j_cuda_device_count();
     }
 
+    /**
+     * The CUDA runtime version the native library was built with (1000 * major + 10 * minor), 0
+     * when it was built without its CUDA kernels.
+     */
+    public static int cudaRuntimeVersion() {
+        return Gspo4jLibrary.gspo4j_cuda_runtime_version();
+    }
+
     public static int numThreads() {
         return Gspo4jLibrary.gspo4j_get_num_threads();
     }

@@ -416,10 +416,19 @@ class TokenLogProbTest {
             // Overlapping gradient rows would race.
             assertEquals(1, Gspo4jLibrary.gspo4j_token_logprob_backward(0, null, logits, 0, 1, 2, 10, 20, 10, targets, 1.0, lse,
                     null, logprob, null, logits, 20, 5));
-            // A CUDA call into a CPU-only build.
+            // A CUDA call where there is no GPU: a CPU-only build says so (UNSUPPORTED), a CUDA build
+            // reports what the CUDA runtime said (no driver, or host memory passed as device memory).
             if (Kernels.cudaDeviceCount() == 0) {
-                assertEquals(4, Gspo4jLibrary.gspo4j_token_logprob_forward(1, null, logits, 0, 1, 2, 10, 20, 10, targets, 1.0, 1,
-                        logprob, lse, null));
+                final int status = Gspo4jLibrary.gspo4j_token_logprob_forward(1, null, logits, 0, 1, 2, 10, 20, 10, targets, 1.0, 1,
+                        logprob, lse, null);
+                final String message = Gspo4jLibrary.gspo4j_last_error().getString();
+                if (Kernels.cudaRuntimeVersion() == 0) {
+                    assertEquals(4, status, message);
+                    assertTrue(message.contains("built without CUDA"), message);
+                } else {
+                    assertEquals(5, status, message);
+                    assertTrue(message.startsWith("cudaPointerGetAttributes(logits): cuda"), message);
+                }
             }
         }
     }
