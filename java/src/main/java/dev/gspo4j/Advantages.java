@@ -5,6 +5,7 @@ import dev.gspo4j.internal.Kernels;
 import dev.gspo4j.internal.TokenLayout;
 import dev.gspo4j.internal.Tensors;
 import java.util.Arrays;
+import org.bytedeco.javacpp.Pointer;
 import org.bytedeco.javacpp.FloatPointer;
 import org.bytedeco.pytorch.Tensor;
 import org.bytedeco.pytorch.global.torch;
@@ -69,8 +70,11 @@ public final class Advantages {
                 Tensor ids = groupIds == null ? null : idsCopy(groupIds, count, rewards)) {
             final Tensor out = Tensors.empty(new long[] {count}, ScalarType.Float, rewards);
             try {
-                PreparedInput.translate(() -> Kernels.groupAdvantages(Tensors.device(rewards), null, count, Tensors.floats(rc),
+                final Device device = Tensors.device(rewards);
+                final Pointer stream = Tensors.stream(rewards);
+                PreparedInput.translate(() -> Kernels.groupAdvantages(device, stream, count, Tensors.floats(rc),
                         groupSize, Tensors.longs(ids), mode, eps, true, Tensors.floats(out)));
+                PreparedInput.translate(() -> Kernels.reportDataErrors(device, stream));
             } catch (RuntimeException e) {
                 out.close();
                 throw e;
@@ -120,15 +124,22 @@ public final class Advantages {
                 throw new IllegalArgumentException("values and mask must have the rewards' shape " + Arrays.toString(shape)
                         + ", got " + PreparedInput.shapeOf(t));
             }
+            if (t != null && !t.device().equals(rewards.device())) {
+                throw new IllegalArgumentException("values and mask must be on the rewards' device ("
+                        + PreparedInput.deviceName(rewards) + "), got " + PreparedInput.deviceName(t));
+            }
         }
         try (Tensor r = rewards.to(ScalarType.Float).contiguous(); Tensor v = values.to(ScalarType.Float).contiguous();
                 Tensor m = mask == null ? null : mask.ne(new org.bytedeco.pytorch.Scalar(0)).contiguous()) {
             final Tensor advantages = Tensors.empty(shape, ScalarType.Float, rewards);
             final Tensor returns = Tensors.empty(shape, ScalarType.Float, rewards);
             try {
-                PreparedInput.translate(() -> Kernels.gae(Tensors.device(rewards), null, TokenLayout.padded(shape[0], shape[1]),
+                final Device device = Tensors.device(rewards);
+                final Pointer stream = Tensors.stream(rewards);
+                PreparedInput.translate(() -> Kernels.gae(device, stream, TokenLayout.padded(shape[0], shape[1]),
                         Tensors.floats(r), Tensors.floats(v), Tensors.bytes(m), gamma, lambda, true, Tensors.floats(advantages),
                         Tensors.floats(returns)));
+                PreparedInput.translate(() -> Kernels.reportDataErrors(device, stream));
             } catch (RuntimeException e) {
                 advantages.close();
                 returns.close();

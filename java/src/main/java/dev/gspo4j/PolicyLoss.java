@@ -10,6 +10,7 @@ import dev.gspo4j.internal.Metric;
 import dev.gspo4j.internal.RatioLevel;
 import dev.gspo4j.internal.TokenLayout;
 import dev.gspo4j.internal.Tensors;
+import org.bytedeco.javacpp.Pointer;
 import org.bytedeco.pytorch.GradMode;
 import org.bytedeco.pytorch.Tensor;
 import org.bytedeco.pytorch.global.torch.ScalarType;
@@ -163,6 +164,7 @@ public final class PolicyLoss {
         try (PreparedInput in = PreparedInput.of(input, settings)) {
             final Tensor logits = input.logits;
             final Device device = Tensors.device(logits);
+            final Pointer stream = Tensors.stream(logits);
             final long[] tokenShape = in.tokenShape;
             final Tensor logProbs = Tensors.empty(tokenShape, ScalarType.Float, logits);
             final Tensor lse = Tensors.empty(new long[] {in.layout.tokens()}, ScalarType.Double, logits);
@@ -173,13 +175,16 @@ public final class PolicyLoss {
             final Tensor metrics = Tensors.empty(new long[] {Metric.COUNT}, ScalarType.Float, logits);
             FusedLogProbs fused = null;
             try {
-                PreparedInput.translate(() -> Kernels.tokenLogProbForward(device, null, in.view, Tensors.longs(in.targets),
+                PreparedInput.translate(() -> Kernels.tokenLogProbForward(device, stream, in.view, Tensors.longs(in.targets),
                         temperature, settings.checkFinite(), Tensors.floats(logProbs), Tensors.doubles(lse),
                         Tensors.floats(entropy)));
-                PreparedInput.translate(() -> Kernels.policyLoss(device, null, settings, in.layout, Tensors.floats(logProbs),
+                PreparedInput.translate(() -> Kernels.policyLoss(device, stream, settings, in.layout, Tensors.floats(logProbs),
                         Tensors.floats(in.oldLogProbs), Tensors.bytes(in.mask), Tensors.floats(in.advantages),
                         in.tokenAdvantages, Tensors.floats(in.refLogProbs), Tensors.floats(entropy), Tensors.floats(value),
                         Tensors.floats(gradLogprob), Tensors.floats(gradEntropy), Tensors.floats(metrics)));
+                // On a GPU the kernels check the data as they run (token ids, NaN/Inf): one wait
+                // here turns what they found into the exception the CPU path throws.
+                PreparedInput.translate(() -> Kernels.reportDataErrors(device, stream));
                 if (GradMode.is_enabled() && logits.requires_grad()) {
                     fused = new FusedLogProbs(logits, in.view, in.targets, temperature, lse, entropy, gradLogprob, gradEntropy);
                 }

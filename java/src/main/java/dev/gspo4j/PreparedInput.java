@@ -85,7 +85,9 @@ final class PreparedInput implements AutoCloseable {
 
         targets = integerCopy(in.targets, "targets", logits);
         requireShape(targets, tokenShape, "targets");
-        if (tokens > 0) {
+        // On a GPU the forward kernel checks every id as it reads the row (no host round trip);
+        // PolicyLoss reports what it found before returning.
+        if (tokens > 0 && !logits.is_cuda()) {
             final long min;
             final long max;
             // One pass over the ids (aminmax), not two.

@@ -2,7 +2,6 @@ package dev.gspo4j.internal;
 
 import java.util.Map;
 import java.util.concurrent.ConcurrentHashMap;
-import org.bytedeco.javacpp.FloatPointer;
 import org.bytedeco.javacpp.Pointer;
 import org.bytedeco.pytorch.BoolOptional;
 import org.bytedeco.pytorch.PointerConsumer;
@@ -72,7 +71,10 @@ public final class FusedLogProbs implements AutoCloseable {
     // Graph-only state, set by attach().
     private VoidTensorHook upstreamHook;
     private TensorTensorHook gradientHook;
-    private FloatPointer tokenMemory;
+    // The memory behind the graph's token: one float on the logits' device, ours until the graph
+    // calls RELEASE. On the logits' device so that every node of the trick runs on the device's
+    // own autograd queue, where the ordering by sequence number holds.
+    private Tensor tokenHolder;
     private volatile Tensor upstream;
     // The gradient just handed to autograd. Our Java reference must be gone before the logits'
     // own node sees it: AccumulateGrad clones a gradient someone else still holds (2x memory).
@@ -115,7 +117,7 @@ public final class FusedLogProbs implements AutoCloseable {
         final Tensor gH = gradEntropy == null ? null : scale == null ? gradEntropy : gradEntropy.mul(scale);
         try {
             final Tensor grad = Tensors.empty(Tensors.shape(logits), logits.scalar_type(), logits);
-            Kernels.tokenLogProbBackward(Tensors.device(logits), null, view, Tensors.longs(targets), temperature,
+            Kernels.tokenLogProbBackward(Tensors.device(logits), Tensors.stream(logits), view, Tensors.longs(targets), temperature,
                     Tensors.doubles(lse), Tensors.floats(entropy), Tensors.floats(gLp), Tensors.floats(gH), grad.data_ptr(),
                     view.seq() * view.vocab(), view.vocab());
             return grad;
@@ -185,13 +187,18 @@ public final class FusedLogProbs implements AutoCloseable {
     public Tensor attach(Tensor value) {
         final Scalar zeroScalar = new Scalar(0.0);
         final ScalarOptional zero = new ScalarOptional(zeroScalar);
-        tokenMemory = new FloatPointer(1L).put(0, 1f);
         final Tensor token;
-        try (TensorOptions options = new TensorOptions(ScalarType.Float)) {
+        final Tensor anchorBase;
+        final Tensor one;
+        try (Scalar oneScalar = new Scalar(1.0); TensorOptions base = logits.options();
+                ScalarTypeOptional float32 = new ScalarTypeOptional(ScalarType.Float); TensorOptions options = base.dtype(float32)) {
+            tokenHolder = torch.full(new long[] {1}, oneScalar, options);
+            final Pointer tokenMemory = tokenHolder.data_ptr();
             token = torch.from_blob(tokenMemory, new long[0], RELEASE, options);
+            LIVE_GRAPHS.put(tokenMemory.address(), this);
+            anchorBase = torch.full(new long[0], zeroScalar, options);
+            one = torch.full(new long[0], oneScalar, options);
         }
-        LIVE_GRAPHS.put(tokenMemory.address(), this);
-        final Tensor anchorBase = torch.zeros(new long[0]);
         final Tensor anchor = anchorBase.set_requires_grad(true);
         // Created before the alias: a lower sequence number, so it runs after the alias hook.
         final Tensor lifetime = anchor.mul(token);
@@ -227,7 +234,6 @@ public final class FusedLogProbs implements AutoCloseable {
             }
         };
         attached.register_hook(upstreamHook);
-        final Tensor one = torch.ones(new long[0]);
         final Tensor guarded = attached.mul(one);
         final Tensor keepAlive = lifetime.mul(zeroScalar);
         final Tensor partial = value.add(guarded);
@@ -256,9 +262,9 @@ public final class FusedLogProbs implements AutoCloseable {
         }
         upstream = null;
         pendingGradient = null;
-        if (tokenMemory != null) {
-            tokenMemory.close();
-            tokenMemory = null;
+        if (tokenHolder != null) {
+            tokenHolder.close();
+            tokenHolder = null;
         }
     }
 }

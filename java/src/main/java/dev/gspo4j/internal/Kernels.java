@@ -273,6 +273,18 @@ public final class Kernels {
                 rewards, values, mask, gamma, lambda, checkFinite ? 1 : 0, advantages, returns));
     }
 
+    /**
+     * CUDA kernels check the data (token ids, offsets, NaN/Inf) as they run and report it later:
+     * this waits for {@code stream} and throws what they found, as the CPU kernels would have. A
+     * no-op on the CPU.
+     */
+    public static void reportDataErrors(Device device, Pointer stream) {
+        Checks.notNull(device, "device");
+        if (device == Device.CUDA) {
+            check(Gspo4jLibrary.gspo4j_cuda_check_error(stream));
+        }
+    }
+
     private static void checkDevice(Device device, Pointer stream) {
         Checks.notNull(device, "device");
         if (device == Device.CPU && stream != null && !stream.isNull()) {

@@ -66,4 +66,12 @@ public final class Tensors {
     public static Device device(Tensor t) {
         return t.is_cuda() ? Device.CUDA : Device.CPU;
     }
+
+    /**
+     * The stream a kernel call on {@code t}'s device runs on: null on the CPU, libtorch's current
+     * CUDA stream on a GPU (so the kernels order with the model's own work, no synchronisation).
+     */
+    public static Pointer stream(Tensor t) {
+        return t.is_cuda() ? CudaStreams.current(t) : null;
+    }
 }
