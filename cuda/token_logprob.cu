@@ -321,11 +321,13 @@ __device__ float backward_columns(const typename D::storage* row, typename D::st
     return others;
 }
 
-// The target's gradient in fp64 from 1 - p_y = sum of the other p_v.
+// The target's gradient in fp64 from 1 - p_y = sum of the other p_v; log p_y likewise from
+// log1p(-others) when p_y is large, where x_y - lse has lost what the forward's fp32 sums could not
+// resolve next to 1.
 __device__ __forceinline__ double target_gradient(double target_x, double row_lse, double others, const BackwardRow& r,
                                                   double inverse_temperature) {
-    const double lp = target_x - row_lse;
-    const double p = exp(lp);
+    const double lp = others < 0.5 ? log1p(-others) : target_x - row_lse;
+    const double p = others < 0.5 ? 1.0 - others : exp(lp);
     return (static_cast<double>(r.grad_logprob) * others -
             static_cast<double>(r.grad_entropy) * p * (lp + static_cast<double>(r.entropy))) * inverse_temperature;
 }

@@ -131,9 +131,11 @@ void token_logprob_backward(const LogitsView& logits, const int64_t* targets, do
             const double others = k.backward(row, grad_row, logits.dtype, logits.vocab, y, inverse_temperature, lse_hi,
                                              lse_lo, g_lp, g_h, h);
             // The target's entry in float64 from 1 - p_y = sum of the other p_v: exact as p_y -> 1,
-            // where 1 - p from a rounded p (bf16, or even float32) would give 0.
-            const double lp = static_cast<double>(target) - row_lse;
-            const double p = std::exp(lp);
+            // where 1 - p from a rounded p (bf16, or even float32) would give 0. For the same reason
+            // log p_y is log1p(-others) there: x_y - lse has lost the terms the forward's float32
+            // sum could not resolve next to 1.
+            const double lp = others < 0.5 ? std::log1p(-others) : static_cast<double>(target) - row_lse;
+            const double p = others < 0.5 ? 1.0 - others : std::exp(lp);
             const double dz = (static_cast<double>(g_lp) * others - static_cast<double>(g_h) * p * (lp + static_cast<double>(h))) *
                               inverse_temperature_wide;
             store_logit(grad_row, logits.dtype, y, dz);
