@@ -70,6 +70,11 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def empty_cache(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def poisoned(shape, dtype, device):
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
@@ -380,21 +385,27 @@ def check_errors_and_determinism(lib, report, device):
 # ----------------------------------------------------------------------------------------------
 
 class Timer:
-    """Median of CUDA-event timings, each run after writing a buffer larger than L2 (flush)."""
+    """Median of CUDA-event timings, each run after writing a buffer larger than L2 (flush). On the
+    CPU (the harness's self-test) a host clock stands in."""
 
     def __init__(self, device, warmup=3, repeat=20):
         self.device = device
         self.warmup = warmup
         self.repeat = repeat
-        self.flush = torch.empty(256 << 20, dtype=torch.uint8, device=device)
+        self.flush = torch.empty((256 if device.type == "cuda" else 8) << 20, dtype=torch.uint8, device=device)
 
     def __call__(self, fn):
         for _ in range(self.warmup):
             fn()
-        torch.cuda.synchronize(self.device)
+        sync(self.device)
         times = []
         for _ in range(self.repeat):
             self.flush.zero_()
+            if self.device.type != "cuda":
+                started = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - started) * 1e3)
+                continue
             start = torch.cuda.Event(enable_timing=True)
             stop = torch.cuda.Event(enable_timing=True)
             start.record()
@@ -407,6 +418,9 @@ class Timer:
 
 def peak_beyond(device, fn, resident_bytes):
     """Peak memory of fn() beyond what was allocated before it and `resident_bytes` it must keep (the gradient)."""
+    if device.type != "cuda":
+        fn()
+        return float("nan")
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -464,12 +478,7 @@ def time_case(lib, device, batch, seq, vocab, dtype, timer, baselines, log):
     backward = lambda: lib.token_logprob_backward(logits, targets, lse, h, g_lp, None, 1.0, grad)
 
     def ours_loss():
-        lp_, lse_, h_ = lib.token_logprob_forward(logits, targets)
-        loss, g, _, metrics = lib.policy_loss(cfg, batch, seq, rows, None, lp_, old.view(-1), mask_u8, advantages, False,
-                                              None, h_, want_grad_entropy=False)
-        out = torch.empty_like(logits)
-        lib.token_logprob_backward(logits, targets, lse_, h_, g, None, 1.0, out)
-        return loss, out
+        return fused_gspo_loss(lib, cfg, logits, targets, mask_u8, old, advantages)
 
     result["forward_ms"], _ = timer(forward)
     result["forward_GBps"] = logits_bytes / result["forward_ms"] / 1e6
@@ -478,34 +487,41 @@ def time_case(lib, device, batch, seq, vocab, dtype, timer, baselines, log):
     result["gspo4j_loss_ms"], _ = timer(ours_loss)
     del grad
     result["gspo4j_peak_MiB"] = peak_beyond(device, ours_loss, logits_bytes) / 2**20
-    # Cross-check the fused loss against the eager loss once, on these inputs.
-    leaf = logits.detach().requires_grad_(True)
-    eager_loss = torch_gspo_loss(leaf, targets, mask, old, advantages)
-    eager_loss.backward()
-    fused_loss, fused_grad = ours_loss()
-    torch.cuda.synchronize(device)
-    result["loss_rel_err_vs_eager"] = abs(float(fused_loss) - float(eager_loss)) / max(1e-12, abs(float(eager_loss)))
-    result["grad_rel_err_vs_eager"] = rel(fused_grad.float(), leaf.grad.float())
-    del leaf, eager_loss, fused_grad
-    torch.cuda.empty_cache()
+    # Against float64 on the first two responses (the whole batch in float64 would not fit):
+    # GSPO's loss through the same TRL-style code on upcast logits, its gradient by autograd.
+    sub = slice(0, min(2, batch))
+    sub_logits = logits[sub].contiguous()
+    fused_loss, fused_grad, fused_lp = fused_gspo_loss(lib, cfg, sub_logits, targets[sub].contiguous(),
+                                                       mask[sub].to(torch.uint8).reshape(-1).contiguous(),
+                                                       old[sub].contiguous(), advantages[sub].contiguous())
+    leaf = sub_logits.detach().double().requires_grad_(True)
+    reference_loss = torch_gspo_loss(leaf, targets[sub], mask[sub].double(), old[sub].double(), advantages[sub].double())
+    reference_loss.backward()
+    reference_lp, _, _ = ref.token_logprob(sub_logits.reshape(-1, vocab), targets[sub].reshape(-1))
+    sync(device)
+    result["lp_rel_err"] = rel(fused_lp, reference_lp, 1.0)
+    result["loss_rel_err"] = abs(float(fused_loss) - float(reference_loss)) / max(1e-12, abs(float(reference_loss)))
+    result["grad_rel_err"] = rel(fused_grad, leaf.grad.to(dtype), GRAD_FLOOR)
+    del leaf, reference_loss, fused_grad, sub_logits
+    empty_cache(device)
 
     for name in baselines:
-        fn = torch_gspo_loss if name == "eager" else torch.compile(torch_gspo_loss)
         leaf = logits.detach().requires_grad_(True)
-
-        def step():
-            leaf.grad = None
-            loss = fn(leaf, targets, mask, old, advantages)
-            loss.backward()
-            return loss
-
         try:
+            fn = torch_gspo_loss if name == "eager" else torch.compile(torch_gspo_loss)
+
+            def step():
+                leaf.grad = None
+                loss = fn(leaf, targets, mask, old, advantages)
+                loss.backward()
+                return loss
+
             started = time.time()
             step()  # compiles for torch.compile
             log(f"  {name}: first call {time.time() - started:.1f} s")
             result[f"{name}_loss_ms"], _ = timer(step)
             leaf.grad = None
-            torch.cuda.empty_cache()
+            empty_cache(device)
             result[f"{name}_peak_MiB"] = peak_beyond(device, step, logits_bytes) / 2**20
         except Exception as e:  # an OOM or a compile failure is a result too
             result[f"{name}_loss_ms"] = float("nan")
@@ -513,14 +529,25 @@ def time_case(lib, device, batch, seq, vocab, dtype, timer, baselines, log):
             log(f"  {name} failed: {result[f'{name}_error']}")
         leaf.grad = None
         del leaf
-        torch.cuda.empty_cache()
+        empty_cache(device)
     del logits
-    torch.cuda.empty_cache()
+    empty_cache(device)
     return result
 
 
+def fused_gspo_loss(lib, cfg, logits, targets, mask_u8, old, advantages):
+    """GSPO forward + backward through gspo4j: (loss, d loss / d logits, log-probs)."""
+    batch, seq = targets.shape
+    lp, lse, h = lib.token_logprob_forward(logits, targets)
+    loss, g, _, _ = lib.policy_loss(cfg, batch, seq, batch * seq, None, lp, old.reshape(-1), mask_u8, advantages, False,
+                                    None, h, want_grad_entropy=False)
+    grad = torch.empty_like(logits)
+    lib.token_logprob_backward(logits, targets, lse, h, g, None, 1.0, grad)
+    return loss, grad, lp
+
+
 def copy_bandwidth(device, timer):
-    src = torch.empty(2 << 30, dtype=torch.uint8, device=device).random_(0, 255)
+    src = torch.empty((2 << 30) if device.type == "cuda" else (64 << 20), dtype=torch.uint8, device=device).random_(0, 255)
     dst = torch.empty_like(src)
     ms, _ = timer(lambda: dst.copy_(src))
     return 2 * src.numel() / ms / 1e6  # bytes read + written, GB/s
@@ -534,7 +561,7 @@ def markdown(meta, results, report):
              f"L2 flushed before each. Checks: {len(report.checks) - report.failures}/{len(report.checks)} passed.",
              "",
              "| logits | dtype | forward ms | GB/s | % copy | backward ms | GB/s | % copy | GSPO fwd+bwd ms | eager ms | compile ms "
-             "| vs eager | vs compile | peak MiB (ours / eager / compile) | loss, grad rel. err. vs eager |",
+             "| vs eager | vs compile | peak MiB (ours / eager / compile) | rel. err. vs float64 (lp, loss, grad) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         copy = meta["copy_GBps"]
@@ -545,12 +572,13 @@ def markdown(meta, results, report):
             f"| {r['backward_ms']:.3f} | {r['backward_GBps']:.0f} | {100 * r['backward_GBps'] / copy:.0f}% "
             f"| {r['gspo4j_loss_ms']:.3f} | {eager:.2f} | {compiled:.2f} | {eager / r['gspo4j_loss_ms']:.1f}x "
             f"| {compiled / r['gspo4j_loss_ms']:.1f}x | {r['gspo4j_peak_MiB']:.0f} / {r.get('eager_peak_MiB', float('nan')):.0f} / "
-            f"{r.get('compile_peak_MiB', float('nan')):.0f} | {r['loss_rel_err_vs_eager']:.1e}, {r['grad_rel_err_vs_eager']:.1e} |")
+            f"{r.get('compile_peak_MiB', float('nan')):.0f} | {r['lp_rel_err']:.1e}, {r['loss_rel_err']:.1e}, {r['grad_rel_err']:.1e} |")
     lines += ["",
               "GB/s counts the fewest bytes the op must move: the logits once (forward), the logits read once and "
               "the gradient written once (backward). Peak memory is beyond the logits and their gradient. "
               "Eager and compile are TRL's GSPO loss (selective_log_softmax, sequence-level importance weights) "
-              "with autograd to the logits."]
+              "with autograd to the logits. Errors: gspo4j against the same loss in float64 on the first two "
+              "responses (the gradient in the logits' dtype)."]
     if report.failures:
         lines += ["", f"**{report.failures} checks FAILED** (see gpu-results.json)."]
     return "\n".join(lines)
@@ -563,10 +591,13 @@ def main():
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="smaller checks, no timing (self-test)")
     parser.add_argument("--no-timing", action="store_true")
+    parser.add_argument("--no-checks", action="store_true", help="timing only (a second device call)")
     parser.add_argument("--cases", default="16x1024x151936:bf16,16x1024x151936:fp32,4x1024x32000:bf16,1x256x151936:bf16",
                         help="timed shapes BxTxV:dtype, comma-separated")
     parser.add_argument("--baselines", default="eager,compile")
     parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--cpu-timing", action="store_true",
+                        help="with --device cpu: run the timing code on small --cases (a self-test of it, not a benchmark)")
     parser.add_argument("--commit", default=os.environ.get("GSPO4J_COMMIT", "unknown"))
     args = parser.parse_args()
 
@@ -582,15 +613,26 @@ def main():
         log_file.flush()
 
     log(f"gspo4j {lib.version()}, CUDA runtime {lib.cuda_runtime_version()}, torch {torch.__version__}, device {device}")
+    results = []
+    meta = {"gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "date": datetime.date.today().isoformat(), "commit": args.commit,
+            "cuda_runtime": lib.cuda_runtime_version(), "torch": torch.__version__, "repeat": args.repeat}
+
+    def save():
+        # After every section and case: a run cut off by its time limit still leaves its numbers.
+        with open(os.path.join(args.out, "gpu-results.json"), "w") as f:
+            json.dump({"meta": meta, "timings": results, "checks": report.checks}, f, indent=1)
+
     sections = [("token_logprob", lambda: check_token_logprob(lib, report, device, args.quick)),
                 ("sequence_log_ratio", lambda: check_sequence_log_ratio(lib, report, device)),
                 ("policy_loss", lambda: check_policy_loss(lib, report, device, args.quick)),
                 ("advantages", lambda: check_advantages(lib, report, device)),
-                ("gae", lambda: check_gae(lib, report, device))]
-    if device.type == "cuda":
-        sections.append(("errors and determinism", lambda: check_errors_and_determinism(lib, report, device)))
-        if not args.quick:
-            sections.append(("N*V > 2^31", lambda: check_large(lib, report, device, 16384, 151936, torch.bfloat16)))
+                ("gae", lambda: check_gae(lib, report, device)),
+                ("errors and determinism", lambda: check_errors_and_determinism(lib, report, device))]
+    if device.type == "cuda" and not args.quick:
+        sections.append(("N*V > 2^31", lambda: check_large(lib, report, device, 16384, 151936, torch.bfloat16)))
+    if args.no_checks:
+        sections = []
     for name, section in sections:
         started = time.time()
         try:
@@ -598,14 +640,10 @@ def main():
         except Exception:
             report.truth(f"{name}: ran without an exception", False, traceback.format_exc())
         log(f"== {name}: {time.time() - started:.1f} s")
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        empty_cache(device)
+        save()
 
-    results = []
-    meta = {"gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "date": datetime.date.today().isoformat(), "commit": args.commit,
-            "cuda_runtime": lib.cuda_runtime_version(), "torch": torch.__version__, "repeat": args.repeat}
-    if device.type == "cuda" and not args.quick and not args.no_timing:
+    if not args.no_timing and (device.type == "cuda" and not args.quick or device.type == "cpu" and args.cpu_timing):
         timer = Timer(device, repeat=args.repeat)
         meta["copy_GBps"] = copy_bandwidth(device, timer)
         log(f"copy bandwidth {meta['copy_GBps']:.0f} GB/s")
@@ -620,9 +658,9 @@ def main():
                 log(f"== timed {case}: {time.time() - started:.1f} s {json.dumps(results[-1])}")
             except Exception:
                 log(f"== timed {case} failed:\n{traceback.format_exc()}")
-            torch.cuda.empty_cache()
-    with open(os.path.join(args.out, "gpu-results.json"), "w") as f:
-        json.dump({"meta": meta, "timings": results, "checks": report.checks}, f, indent=1)
+            empty_cache(device)
+            save()
+    save()
     failed = [c for c in report.checks if not c["ok"]]
     log(f"\n{len(report.checks) - len(failed)}/{len(report.checks)} checks passed")
     for c in failed[:30]:
