@@ -12,6 +12,9 @@
 
 #include <algorithm>
 #include <cfloat>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
 
 #include "common.cuh"
 #include "cuda_ops.h"
@@ -413,6 +416,28 @@ struct Plan {
     unsigned grid_rows;
 };
 
+// GSPO4J_CUDA_THREADS=128|256|512|1024 overrides the CTA size: a tuning knob for the device
+// harness (bench/gpu), read on every call so one process can compare them.
+int threads_override() {
+    const char* value = std::getenv("GSPO4J_CUDA_THREADS");
+    if (value == nullptr) return 0;
+    for (int t : {128, 256, 512, 1024}) {
+        if (std::strcmp(value, std::to_string(t).c_str()) == 0) return t;
+    }
+    return 0;
+}
+
+// Calls launch(std::integral_constant<int, threads>) for the compiled CTA sizes.
+template <typename Launch>
+void with_threads(int threads, Launch launch) {
+    switch (threads) {
+        case 128: launch(std::integral_constant<int, 128>()); break;
+        case 256: launch(std::integral_constant<int, 256>()); break;
+        case 1024: launch(std::integral_constant<int, 1024>()); break;
+        default: launch(std::integral_constant<int, 512>()); break;
+    }
+}
+
 Plan plan(int64_t rows, int64_t vocab) {
     int device = 0;
     check_cuda(cudaGetDevice(&device), "cudaGetDevice");
@@ -422,6 +447,7 @@ Plan plan(int64_t rows, int64_t vocab) {
     // 512 threads hold enough 16-byte loads in flight for long rows; short rows would leave
     // most of them idle.
     p.threads = vocab >= 8192 ? 512 : 128;
+    if (const int forced = threads_override()) p.threads = forced;
     // Enough CTAs for every multiprocessor to hold several; a row is split only when there are
     // fewer rows than that, into slices of at least 8192 columns.
     const int64_t wanted = 4LL * multiprocessors;
@@ -453,13 +479,11 @@ void forward_typed(cudaStream_t stream, const LogitsView& logits, const int64_t*
     Statistics* partial = scratch.as<Statistics>();
     int* partial_bad = scratch.as<int>(partial_count * sizeof(Statistics));
     const dim3 grid(p.grid_rows, static_cast<unsigned>(p.splits));
-    if (p.threads == 512) {
-        forward_kernel<D, 512><<<grid, 512, 0, stream>>>(data, g, targets, inverse_temperature, check_finite, record, logprob, lse,
-                                                        entropy, partial, partial_bad);
-    } else {
-        forward_kernel<D, 128><<<grid, 128, 0, stream>>>(data, g, targets, inverse_temperature, check_finite, record, logprob, lse,
-                                                        entropy, partial, partial_bad);
-    }
+    with_threads(p.threads, [&](auto threads) {
+        constexpr int kThreads = decltype(threads)::value;
+        forward_kernel<D, kThreads><<<grid, kThreads, 0, stream>>>(data, g, targets, inverse_temperature, check_finite, record,
+                                                                  logprob, lse, entropy, partial, partial_bad);
+    });
     check_launch("token_logprob forward_kernel");
     if (p.splits > 1) {
         forward_merge_kernel<D><<<static_cast<unsigned>(ceil_div(g.rows, 256)), 256, 0, stream>>>(
@@ -485,13 +509,12 @@ void backward_typed(cudaStream_t stream, const LogitsView& logits, const int64_t
     double* partial_others = scratch.as<double>();
     float* target_x = scratch.as<float>(partial_count * sizeof(double));
     const dim3 grid(p.grid_rows, static_cast<unsigned>(p.splits));
-    if (p.threads == 512) {
-        backward_kernel<D, 512><<<grid, 512, 0, stream>>>(data, g, targets, inverse, inverse_wide, lse, entropy, grad_logprob,
-                                                         grad_entropy, grad, record, partial_others, target_x);
-    } else {
-        backward_kernel<D, 128><<<grid, 128, 0, stream>>>(data, g, targets, inverse, inverse_wide, lse, entropy, grad_logprob,
-                                                         grad_entropy, grad, record, partial_others, target_x);
-    }
+    with_threads(p.threads, [&](auto threads) {
+        constexpr int kThreads = decltype(threads)::value;
+        backward_kernel<D, kThreads><<<grid, kThreads, 0, stream>>>(data, g, targets, inverse, inverse_wide, lse, entropy,
+                                                                   grad_logprob, grad_entropy, grad, record, partial_others,
+                                                                   target_x);
+    });
     check_launch("token_logprob backward_kernel");
     if (p.splits > 1) {
         backward_target_kernel<D><<<static_cast<unsigned>(ceil_div(g.rows, 256)), 256, 0, stream>>>(

@@ -112,6 +112,16 @@ def check_token_logprob(lib, report, device, quick):
                     z, y = logits_case(kind, rows, vocab, dtype, device, generator)
                     name = f"token_logprob {str(dtype)[6:]} [{rows},{vocab}] {kind} tau={temperature}"
                     _check_rows(lib, report, name, z, y, temperature, dtype, generator)
+    # Every CTA size the GSPO4J_CUDA_THREADS knob can force (the plan picks 128 or 512).
+    for threads in (128, 256, 512, 1024):
+        os.environ["GSPO4J_CUDA_THREADS"] = str(threads)
+        try:
+            for dtype, rows, vocab in ((torch.bfloat16, 7, 32001), (torch.float32, 300, 4099), (torch.float16, 2, 151936)):
+                z, y = logits_case("normal", rows, vocab, dtype, device, generator)
+                _check_rows(lib, report, f"token_logprob {str(dtype)[6:]} [{rows},{vocab}] threads={threads}", z, y, 1.0, dtype,
+                            generator)
+        finally:
+            del os.environ["GSPO4J_CUDA_THREADS"]
     # A strided view (logits[:, :-1, :]) read in place, packed [N, V] and padded [B, T, V].
     for dtype in (torch.bfloat16, torch.float32):
         full = (torch.randn(3, 9, 5003, generator=generator) * 2).to(dtype).to(device)
@@ -458,7 +468,7 @@ def torch_gspo_loss(logits, targets, mask, old_logprob, advantages, eps_low=3e-4
     return ((per_token_loss * mask).sum(-1) / lengths).mean()
 
 
-def time_case(lib, device, batch, seq, vocab, dtype, timer, baselines, log):
+def time_case(lib, device, batch, seq, vocab, dtype, timer, baselines, log, variants=()):
     rows = batch * seq
     generator = torch.Generator(device=device).manual_seed(9)
     logits = torch.randn(batch, seq, vocab, generator=generator, device=device, dtype=torch.float32).mul_(2).to(dtype)
@@ -484,6 +494,14 @@ def time_case(lib, device, batch, seq, vocab, dtype, timer, baselines, log):
     result["forward_GBps"] = logits_bytes / result["forward_ms"] / 1e6
     result["backward_ms"], _ = timer(backward)
     result["backward_GBps"] = 2 * logits_bytes / result["backward_ms"] / 1e6
+    # The CTA-size knob of cuda/token_logprob.cu, for tuning: the same ops with each size forced.
+    for threads in variants:
+        os.environ["GSPO4J_CUDA_THREADS"] = str(threads)
+        try:
+            result[f"forward_ms@{threads}"], _ = timer(forward)
+            result[f"backward_ms@{threads}"], _ = timer(backward)
+        finally:
+            del os.environ["GSPO4J_CUDA_THREADS"]
     result["gspo4j_loss_ms"], _ = timer(ours_loss)
     del grad
     result["gspo4j_peak_MiB"] = peak_beyond(device, ours_loss, logits_bytes) / 2**20
@@ -573,6 +591,14 @@ def markdown(meta, results, report):
             f"| {r['gspo4j_loss_ms']:.3f} | {eager:.2f} | {compiled:.2f} | {eager / r['gspo4j_loss_ms']:.1f}x "
             f"| {compiled / r['gspo4j_loss_ms']:.1f}x | {r['gspo4j_peak_MiB']:.0f} / {r.get('eager_peak_MiB', float('nan')):.0f} / "
             f"{r.get('compile_peak_MiB', float('nan')):.0f} | {r['lp_rel_err']:.1e}, {r['loss_rel_err']:.1e}, {r['grad_rel_err']:.1e} |")
+    sizes = sorted({int(k.split("@")[1]) for r in results for k in r if k.startswith("forward_ms@")})
+    if sizes:
+        lines += ["", "CTA size (GSPO4J_CUDA_THREADS), forward / backward ms:", "",
+                  "| logits | dtype | " + " | ".join(str(t) for t in sizes) + " |",
+                  "|---|---|" + "---|" * len(sizes)]
+        for r in results:
+            cells = [f"{r.get(f'forward_ms@{t}', float('nan')):.3f} / {r.get(f'backward_ms@{t}', float('nan')):.3f}" for t in sizes]
+            lines.append(f"| {r['shape']} | {r['dtype']} | " + " | ".join(cells) + " |")
     lines += ["",
               "GB/s counts the fewest bytes the op must move: the logits once (forward), the logits read once and "
               "the gradient written once (backward). Peak memory is beyond the logits and their gradient. "
@@ -595,6 +621,8 @@ def main():
     parser.add_argument("--cases", default="16x1024x151936:bf16,16x1024x151936:fp32,4x1024x32000:bf16,1x256x151936:bf16",
                         help="timed shapes BxTxV:dtype, comma-separated")
     parser.add_argument("--baselines", default="eager,compile")
+    parser.add_argument("--threads", default="128,256,512,1024",
+                        help="CTA sizes to compare for the forward and backward (GSPO4J_CUDA_THREADS); empty: none")
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--cpu-timing", action="store_true",
                         help="with --device cpu: run the timing code on small --cases (a self-test of it, not a benchmark)")
@@ -654,7 +682,8 @@ def main():
             b, t, v = (int(x) for x in shape.split("x"))
             started = time.time()
             try:
-                results.append(time_case(lib, device, b, t, v, dtypes[dtype], timer, baselines, log))
+                results.append(time_case(lib, device, b, t, v, dtypes[dtype], timer, baselines, log,
+                                         [int(x) for x in args.threads.split(",") if x]))
                 log(f"== timed {case}: {time.time() - started:.1f} s {json.dumps(results[-1])}")
             except Exception:
                 log(f"== timed {case} failed:\n{traceback.format_exc()}")
