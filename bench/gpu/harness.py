@@ -455,8 +455,25 @@ def selective_log_softmax(logits, index):
     return torch.stack(rows)
 
 
-def torch_gspo_loss(logits, targets, mask, old_logprob, advantages, eps_low=3e-4, eps_high=4e-4):
-    """GSPO as TRL's GRPOTrainer computes it with importance_sampling_level="sequence"."""
+def entropy_rows(logits, chunk=128):
+    """Per-token entropy the way TRL logs it: log_softmax in chunks of rows, no gradient."""
+    flat = logits.reshape(-1, logits.size(-1))
+    out = []
+    for start in range(0, flat.size(0), chunk):
+        logps = torch.log_softmax(flat[start:start + chunk], dim=-1)
+        out.append(-(torch.exp(logps) * logps).sum(-1))
+    return torch.cat(out).view(logits.shape[:-1])
+
+
+def torch_gspo_loss(logits, targets, mask, old_logprob, advantages, eps_low=3e-4, eps_high=4e-4, temperature=1.0,
+                    with_entropy=True):
+    """GSPO as TRL's GRPOTrainer computes it with importance_sampling_level="sequence": logits divided
+    by the temperature (always, even 1.0), selective_log_softmax, the entropy it logs (no gradient),
+    the sequence-level clipped surrogate. gspo4j's fused forward computes the same entropy."""
+    logits = logits / temperature
+    if with_entropy:
+        with torch.no_grad():
+            entropy_rows(logits)
     logps = selective_log_softmax(logits, targets)
     log_ratio = logps - old_logprob
     lengths = mask.sum(-1).clamp(min=1.0)
@@ -513,7 +530,8 @@ def time_case(lib, device, batch, seq, vocab, dtype, timer, baselines, log, vari
                                                        mask[sub].to(torch.uint8).reshape(-1).contiguous(),
                                                        old[sub].contiguous(), advantages[sub].contiguous())
     leaf = sub_logits.detach().double().requires_grad_(True)
-    reference_loss = torch_gspo_loss(leaf, targets[sub], mask[sub].double(), old[sub].double(), advantages[sub].double())
+    reference_loss = torch_gspo_loss(leaf, targets[sub], mask[sub].double(), old[sub].double(), advantages[sub].double(),
+                                     with_entropy=False)
     reference_loss.backward()
     reference_lp, _, _ = ref.token_logprob(sub_logits.reshape(-1, vocab), targets[sub].reshape(-1))
     sync(device)
@@ -602,8 +620,8 @@ def markdown(meta, results, report):
     lines += ["",
               "GB/s counts the fewest bytes the op must move: the logits once (forward), the logits read once and "
               "the gradient written once (backward). Peak memory is beyond the logits and their gradient. "
-              "Eager and compile are TRL's GSPO loss (selective_log_softmax, sequence-level importance weights) "
-              "with autograd to the logits. Errors: gspo4j against the same loss in float64 on the first two "
+              "Eager and compile are TRL's GSPO loss (logits / temperature, selective_log_softmax, the logged "
+              "entropy without gradient, sequence-level importance weights) with autograd to the logits. Errors: gspo4j against the same loss in float64 on the first two "
               "responses (the gradient in the logits' dtype)."]
     if report.failures:
         lines += ["", f"**{report.failures} checks FAILED** (see gpu-results.json)."]
