@@ -18,6 +18,11 @@ constexpr int kTotalThreads = 1024;
 
 __device__ __forceinline__ bool counted(const uint8_t* mask, int64_t i) { return mask == nullptr || mask[i] != 0; }
 
+// std::min and std::max as the CPU code uses them, NaN included (fmin/fmax would drop a NaN:
+// with checking off, a NaN log-ratio must stay NaN, not become e^-R).
+__device__ __forceinline__ double min_of(double a, double b) { return b < a ? b : a; }
+__device__ __forceinline__ double max_of(double a, double b) { return a < b ? b : a; }
+
 __device__ __forceinline__ void require_finite(const float* values, int64_t i, DataError kind, ErrorRecord record) {
     if (values && !isfinite(values[i])) report(record, kind, i);
 }
@@ -55,7 +60,7 @@ struct Clip {
     // J = min(x A, clip(x) A), then max(J, c A) for A < 0 with dual clip; a tie takes the full
     // gradient, as min + clamp do in autograd.
     __device__ Decision decide(double ratio, double advantage) const {
-        const double bounded = fmin(fmax(ratio, low), high);
+        const double bounded = min_of(max_of(ratio, low), high);
         const double unclipped = ratio * advantage;
         const double clipped = bounded * advantage;
         Decision d;
@@ -75,7 +80,7 @@ struct Clip {
     // exp of a log-ratio clamped to [-R, R]; `inside` is false where the clamp cut the gradient.
     __device__ double ratio(double log_ratio, bool* inside) const {
         *inside = log_ratio >= -clamp && log_ratio <= clamp;
-        return exp(fmin(fmax(log_ratio, -clamp), clamp));
+        return exp(min_of(max_of(log_ratio, -clamp), clamp));
     }
 };
 
@@ -272,15 +277,15 @@ __global__ void __launch_bounds__(kResponseThreads) coefficients_kernel(gspo4j_l
                 own.dual_clip += d.dual_clipped;
                 if (level == GSPO4J_RATIO_TOKEN) {
                     own.ratio_sum += r;
-                    own.ratio_min = fmin(own.ratio_min, r);
-                    own.ratio_max = fmax(own.ratio_max, r);
+                    own.ratio_min = min_of(own.ratio_min, r);
+                    own.ratio_max = max_of(own.ratio_max, r);
                     own.ratio_count += 1.0;
                 }
                 if (d.gradient && inside) g = -weight * a * r;
             }
             if (use_kl) {
                 const double raw = static_cast<double>(in.ref_logprob[i]) - lp;
-                const double d = fmin(fmax(raw, -config.log_ratio_clamp), config.log_ratio_clamp);
+                const double d = min_of(max_of(raw, -config.log_ratio_clamp), config.log_ratio_clamp);
                 own.kl += weight * kl_value(config.kl_estimator, d);
                 if (raw >= -config.log_ratio_clamp && raw <= config.log_ratio_clamp) {
                     g += config.kl_coef * weight * kl_gradient(config.kl_estimator, d);
@@ -328,8 +333,8 @@ __global__ void __launch_bounds__(kTotalThreads) finish_kernel(gspo4j_loss_confi
         own.clip_high += p.clip_high;
         own.dual_clip += p.dual_clip;
         own.ratio_sum += p.ratio_sum;
-        own.ratio_min = fmin(own.ratio_min, p.ratio_min);
-        own.ratio_max = fmax(own.ratio_max, p.ratio_max);
+        own.ratio_min = min_of(own.ratio_min, p.ratio_min);
+        own.ratio_max = max_of(own.ratio_max, p.ratio_max);
         own.ratio_count += p.ratio_count;
         own.approx_kl += p.approx_kl;
         own.entropy_sum += p.entropy_sum;

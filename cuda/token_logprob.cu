@@ -201,11 +201,15 @@ __device__ Statistics row_statistics(const typename D::storage* row, int64_t beg
     });
     const int thread_bad = !(isfinite(sum) && isfinite(weighted));
     // Fixed-order merge: the block max first, then every thread's sums rescaled to it in fp64.
-    const double own_max = sum > 0.0f ? static_cast<double>(running_max) : -INFINITY;
+    // A thread that saw any element has sum >= 1 (its max contributes e^0) or NaN; only empty
+    // threads are left out, so NaN reaches lse as on the CPU, and a -Inf logit (a masked
+    // vocabulary entry, with checking off) spoils only the entropy, not lse.
+    const bool any = sum != 0.0f;
+    const double own_max = any ? static_cast<double>(running_max) : -INFINITY;
     const double block_max = block_reduce(own_max, Max(), static_cast<double>(-INFINITY), shared);
     double scaled_sum = 0.0;
     double scaled_weighted = 0.0;
-    if (sum > 0.0f && !thread_bad) {
+    if (any) {
         const double delta = own_max - block_max;
         const double factor = exp(delta);
         scaled_sum = factor * sum;
@@ -335,17 +339,33 @@ __device__ __forceinline__ double target_gradient(double target_x, double row_ls
             static_cast<double>(r.grad_entropy) * p * (lp + static_cast<double>(r.entropy))) * inverse_temperature;
 }
 
+// Before the backward writes anything: every token id in range? Sets *any_bad and records the
+// first bad id. The backward then writes nothing at all, so an in-place call on bad ids leaves
+// every row of the caller's logits as it was, as the CPU path does.
+__global__ void check_targets_kernel(const int64_t* __restrict__ targets, int64_t rows, int64_t vocab, ErrorRecord record,
+                                     int* __restrict__ any_bad) {
+    for (int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; row < rows;
+         row += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+        const int64_t y = targets[row];
+        if (y < 0 || y >= vocab) {
+            report(record, DataError::kTargetOutOfRange, row);
+            *any_bad = 1;
+        }
+    }
+}
+
 template <typename D, int kThreads>
 __global__ void __launch_bounds__(kThreads, 1024 / kThreads) backward_kernel(const typename D::storage* logits, Geometry g,
                                                             const int64_t* __restrict__ targets, float inverse_temperature,
                                                             double inverse_temperature_wide, const double* __restrict__ lse,
                                                             const float* __restrict__ entropy, const float* __restrict__ grad_logprob,
                                                             const float* __restrict__ grad_entropy, typename D::storage* grad_logits,
-                                                            ErrorRecord record, double* __restrict__ partial_others,
+                                                            const int* __restrict__ any_bad, double* __restrict__ partial_others,
                                                             float* __restrict__ target_x_out) {
     __shared__ double shared[32];
     __shared__ float target_x;
     __shared__ int target_ok;
+    if (*any_bad) return;  // the whole block leaves: no barrier is left waiting
     const int split = blockIdx.y;
     for (int64_t row = blockIdx.x; row < g.rows; row += gridDim.x) {
         const typename D::storage* row_pointer = logits + g.offset(row);
@@ -355,8 +375,9 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads) backward_kernel(con
         const int64_t y = targets[row];
         __syncthreads();  // every thread has read the previous row's target_ok
         if (threadIdx.x == 0) {
+            // check_targets_kernel has vouched for every id; the test keeps a bad one from ever
+            // addressing memory even so.
             target_ok = y >= 0 && y < g.vocab;
-            if (!target_ok && split == 0) report(record, DataError::kTargetOutOfRange, row);
             // Read before any thread overwrites it (in place: grad_logits == logits).
             if (target_ok && y >= begin && y < end) {
                 target_x = D::widen(row_pointer[y]) * inverse_temperature;
@@ -392,10 +413,10 @@ template <typename D>
 __global__ void backward_target_kernel(Geometry g, const int64_t* __restrict__ targets, double inverse_temperature_wide,
                                        const double* __restrict__ lse, const float* __restrict__ entropy,
                                        const float* __restrict__ grad_logprob, const float* __restrict__ grad_entropy,
-                                       typename D::storage* grad_logits, const double* __restrict__ partial_others,
-                                       const float* __restrict__ target_x) {
+                                       typename D::storage* grad_logits, const int* __restrict__ any_bad,
+                                       const double* __restrict__ partial_others, const float* __restrict__ target_x) {
     const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (row >= g.rows) return;
+    if (row >= g.rows || *any_bad) return;
     const int64_t y = targets[row];
     if (y < 0 || y >= g.vocab) return;
     double others = 0.0;
@@ -505,20 +526,25 @@ void backward_typed(cudaStream_t stream, const LogitsView& logits, const int64_t
     const float inverse = static_cast<float>(inverse_wide);
     const size_t partial_count = p.splits > 1 ? static_cast<size_t>(g.rows) * p.splits : 0;
     const size_t target_count = p.splits > 1 ? static_cast<size_t>(g.rows) : 0;
-    Scratch scratch(partial_count * sizeof(double) + target_count * sizeof(float), stream);
+    Scratch scratch(partial_count * sizeof(double) + target_count * sizeof(float) + sizeof(int), stream);
     double* partial_others = scratch.as<double>();
     float* target_x = scratch.as<float>(partial_count * sizeof(double));
+    int* any_bad = scratch.as<int>(partial_count * sizeof(double) + target_count * sizeof(float));
+    check_cuda(cudaMemsetAsync(any_bad, 0, sizeof(int), stream), "cudaMemsetAsync");
+    const unsigned check_blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(g.rows, 256), 4096));
+    check_targets_kernel<<<check_blocks, 256, 0, stream>>>(targets, g.rows, g.vocab, record, any_bad);
+    check_launch("token_logprob check_targets_kernel");
     const dim3 grid(p.grid_rows, static_cast<unsigned>(p.splits));
     with_threads(p.threads, [&](auto threads) {
         constexpr int kThreads = decltype(threads)::value;
         backward_kernel<D, kThreads><<<grid, kThreads, 0, stream>>>(data, g, targets, inverse, inverse_wide, lse, entropy,
-                                                                   grad_logprob, grad_entropy, grad, record, partial_others,
+                                                                   grad_logprob, grad_entropy, grad, any_bad, partial_others,
                                                                    target_x);
     });
     check_launch("token_logprob backward_kernel");
     if (p.splits > 1) {
         backward_target_kernel<D><<<static_cast<unsigned>(ceil_div(g.rows, 256)), 256, 0, stream>>>(
-            g, targets, inverse_wide, lse, entropy, grad_logprob, grad_entropy, grad, partial_others, target_x);
+            g, targets, inverse_wide, lse, entropy, grad_logprob, grad_entropy, grad, any_bad, partial_others, target_x);
         check_launch("token_logprob backward_target_kernel");
     }
 }
