@@ -109,7 +109,8 @@ typedef enum gspo4j_metric {
     GSPO4J_METRIC_TOKENS = 12,         /* tokens with m = 1 */
     GSPO4J_METRIC_COUNT = 13
 } gspo4j_metric;
-/* Clip fractions and ratio statistics are per response for GSPO and GSPO-token (one ratio
+/* Clip fractions count one decision per response for GSPO and one per counted token for
+ * GSPO-token, GRPO and PPO; ratio statistics are per response for GSPO and GSPO-token (one ratio
  * s_b per response) and per counted token for GRPO / PPO. */
 
 typedef struct gspo4j_loss_config {
@@ -143,7 +144,9 @@ GSPO4J_API gspo4j_status gspo4j_set_num_threads(int32_t threads);
 GSPO4J_API int32_t gspo4j_get_num_threads(void);
 /* Name of the CPU instruction set the kernels dispatched to: "avx512", "avx2" or "sse2". */
 GSPO4J_API const char* gspo4j_cpu_isa(void);
-/* Reports data-dependent errors of earlier asynchronous CUDA calls on `stream` (waits for it). */
+/* Waits for `stream` and reports the data-dependent errors (token ids, offsets, NaN/Inf) that
+ * earlier asynchronous CUDA calls recorded, then clears them. The record is per device: an error
+ * of a call on another stream of the same device is reported (once) too. */
 GSPO4J_API gspo4j_status gspo4j_cuda_check_error(void* stream);
 
 /* SPEC.md's paper defaults: GSPO, sequence mean, eps 3e-4 / 4e-4, R = 20, KL and entropy off,
