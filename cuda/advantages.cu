@@ -2,12 +2,13 @@
 // the logits (one value per response or per token), so they favour plainness: a thread per
 // response computes its own group's statistics in fp64 by scanning the group's members in index
 // order, which needs no sort for arbitrary group ids and gives every member of a group the same
-// bitwise mean; a thread per response runs GAE's backward recurrence.
+// bitwise mean; a thread per response runs GAE's backward recurrence, the CPU's own (loss_math.h).
 #include <initializer_list>
 #include <utility>
 
 #include "common.cuh"
 #include "cuda_ops.h"
+#include "loss_math.h"
 
 namespace gspo4j {
 namespace cuda {
@@ -111,22 +112,7 @@ __global__ void gae_kernel(DeviceLayout layout, const float* __restrict__ reward
     int64_t begin = layout.begin(b);
     int64_t end = layout.end(b);
     clamp_range(layout.tokens, &begin, &end);
-    double next_value = 0.0;
-    double next_advantage = 0.0;
-    for (int64_t i = end - 1; i >= begin; --i) {
-        if (mask && mask[i] == 0) {
-            advantages[i] = 0.0f;
-            returns[i] = 0.0f;
-            continue;
-        }
-        const double value = values[i];
-        const double delta = static_cast<double>(rewards[i]) + gamma * next_value - value;
-        const double advantage = delta + gamma * lambda * next_advantage;
-        advantages[i] = static_cast<float>(advantage);
-        returns[i] = static_cast<float>(advantage + value);
-        next_value = value;
-        next_advantage = advantage;
-    }
+    math::gae_response(begin, end, rewards, values, mask, gamma, lambda, advantages, returns);
 }
 
 unsigned blocks_for(int64_t n) { return static_cast<unsigned>(ceil_div(n, kThreads)); }

@@ -1,5 +1,6 @@
 // CUDA sequence log-ratio and policy loss (SPEC.md "Policy losses"): the same passes as
-// native/src/policy_loss.cpp, each a kernel on the caller's stream, with every reduction a
+// native/src/policy_loss.cpp, with the same per-response and per-token math (loss_math.h), each a
+// kernel on the caller's stream, with every reduction a
 // fixed-shape tree (one CTA per response, then one CTA over the responses) so the loss and the
 // coefficients are bitwise reproducible. O(tokens) work: a few microseconds next to the logits.
 #include <cfloat>
@@ -8,6 +9,7 @@
 
 #include "common.cuh"
 #include "cuda_ops.h"
+#include "loss_math.h"
 
 namespace gspo4j {
 namespace cuda {
@@ -17,11 +19,6 @@ constexpr int kResponseThreads = 256;
 constexpr int kTotalThreads = 1024;
 
 __device__ __forceinline__ bool counted(const uint8_t* mask, int64_t i) { return mask == nullptr || mask[i] != 0; }
-
-// std::min and std::max as the CPU code uses them, NaN included (fmin/fmax would drop a NaN:
-// with checking off, a NaN log-ratio must stay NaN, not become e^-R).
-__device__ __forceinline__ double min_of(double a, double b) { return b < a ? b : a; }
-__device__ __forceinline__ double max_of(double a, double b) { return a < b ? b : a; }
 
 __device__ __forceinline__ void require_finite(const float* values, int64_t i, DataError kind, ErrorRecord record) {
     if (values && !isfinite(values[i])) report(record, kind, i);
@@ -33,72 +30,6 @@ struct ResponseStats {
     int64_t span;        // tokens in the response, counted or not (the longest sets Lnorm)
     double log_ratio;    // (1/L_b) sum m (lp - olp), 0 when L_b = 0 or on-policy
 };
-
-// What is needed to finish a response's coefficients: the aggregation denominators.
-struct Scales {
-    double token_scale;     // weight of q_bt before the optional 1/L_b
-    double response_scale;  // 1/B' (or 1/normalizer)
-    int64_t responses;      // B'
-    int64_t total_tokens;   // sum L_b
-    int divide_by_length;
-};
-
-struct Clip {
-    double low;
-    double high;
-    double dual;
-    double clamp;
-
-    struct Decision {
-        double objective;
-        bool gradient;
-        bool clipped_low;
-        bool clipped_high;
-        bool dual_clipped;
-    };
-
-    // J = min(x A, clip(x) A), then max(J, c A) for A < 0 with dual clip; a tie takes the full
-    // gradient, as min + clamp do in autograd.
-    __device__ Decision decide(double ratio, double advantage) const {
-        const double bounded = min_of(max_of(ratio, low), high);
-        const double unclipped = ratio * advantage;
-        const double clipped = bounded * advantage;
-        Decision d;
-        d.gradient = unclipped <= clipped;
-        d.objective = d.gradient ? unclipped : clipped;
-        d.clipped_low = ratio < low && advantage < 0.0;
-        d.clipped_high = ratio > high && advantage > 0.0;
-        d.dual_clipped = false;
-        if (dual > 0.0 && advantage < 0.0 && d.objective < dual * advantage) {
-            d.objective = dual * advantage;
-            d.gradient = false;
-            d.dual_clipped = true;
-        }
-        return d;
-    }
-
-    // exp of a log-ratio clamped to [-R, R]; `inside` is false where the clamp cut the gradient.
-    __device__ double ratio(double log_ratio, bool* inside) const {
-        *inside = log_ratio >= -clamp && log_ratio <= clamp;
-        return exp(min_of(max_of(log_ratio, -clamp), clamp));
-    }
-};
-
-__device__ double kl_value(int estimator, double d) {
-    switch (estimator) {
-        case GSPO4J_KL_K1: return -d;
-        case GSPO4J_KL_K2: return 0.5 * d * d;
-        default: return exp(d) - d - 1.0;
-    }
-}
-
-__device__ double kl_gradient(int estimator, double d) {
-    switch (estimator) {
-        case GSPO4J_KL_K1: return 1.0;
-        case GSPO4J_KL_K2: return -d;
-        default: return 1.0 - exp(d);
-    }
-}
 
 // Which inputs the first pass checks for NaN/Inf at counted tokens.
 struct FiniteChecks {
@@ -153,7 +84,8 @@ __global__ void __launch_bounds__(kResponseThreads) response_stats_kernel(Device
 
 // Pass 2, one CTA: B', the token count, the longest response, and the denominators.
 __global__ void __launch_bounds__(kTotalThreads) scales_kernel(gspo4j_loss_config config, DeviceLayout layout,
-                                                               const ResponseStats* __restrict__ stats, Scales* __restrict__ scales) {
+                                                               const ResponseStats* __restrict__ stats,
+                                                               math::Scales* __restrict__ scales) {
     __shared__ long long shared[32];
     long long responses = 0, tokens = 0, longest = 0;
     for (int64_t b = threadIdx.x; b < layout.batch; b += kTotalThreads) {
@@ -164,44 +96,29 @@ __global__ void __launch_bounds__(kTotalThreads) scales_kernel(gspo4j_loss_confi
     responses = block_reduce(responses, Add(), 0LL, shared);
     tokens = block_reduce(tokens, Add(), 0LL, shared);
     longest = block_reduce(longest, Max(), 0LL, shared);
-    if (threadIdx.x != 0) return;
-    const bool explicit_normalizer = config.normalizer > 0.0;
-    const double response_denominator = explicit_normalizer ? config.normalizer : static_cast<double>(responses);
-    double token_denominator = 0.0;
-    int divide_by_length = 0;
-    switch (config.aggregation) {
-        case GSPO4J_SEQ_MEAN_TOKEN_MEAN:
-            token_denominator = response_denominator;
-            divide_by_length = 1;
-            break;
-        case GSPO4J_TOKEN_MEAN:
-            token_denominator = explicit_normalizer ? config.normalizer : static_cast<double>(tokens);
-            break;
-        case GSPO4J_SEQ_MEAN_TOKEN_SUM:
-            token_denominator = response_denominator;
-            break;
-        default: {
-            const double length_norm = config.length_norm > 0.0 ? config.length_norm
-                                       : layout.offsets               ? static_cast<double>(longest)
-                                                                      : static_cast<double>(layout.seq);
-            token_denominator = (explicit_normalizer ? config.normalizer : static_cast<double>(layout.batch)) * length_norm;
-            break;
-        }
+    if (threadIdx.x == 0) {
+        *scales = math::aggregation_scales(config, layout.offsets != nullptr, layout.batch, layout.seq, responses, tokens, longest);
     }
-    Scales s;
-    s.token_scale = token_denominator > 0.0 ? 1.0 / token_denominator : 0.0;
-    s.response_scale = response_denominator > 0.0 ? 1.0 / response_denominator : 0.0;
-    s.responses = responses;
-    s.total_tokens = tokens;
-    s.divide_by_length = divide_by_length;
-    *scales = s;
 }
 
-// Per-response partial sums, added over responses in a fixed order by the last pass.
-struct Partial {
-    double surrogate, kl, entropy, clip_low, clip_high, dual_clip, ratio_sum, ratio_min, ratio_max, ratio_count, approx_kl,
-        entropy_sum;
-};
+// Every field of a block's partial sums through block_reduce, in a fixed order.
+__device__ math::Partial block_reduce_partial(const math::Partial& own, double* shared) {
+    const double infinity = static_cast<double>(INFINITY);
+    math::Partial total;
+    total.surrogate = block_reduce(own.surrogate, Add(), 0.0, shared);
+    total.kl = block_reduce(own.kl, Add(), 0.0, shared);
+    total.entropy = block_reduce(own.entropy, Add(), 0.0, shared);
+    total.clip_low = block_reduce(own.clip_low, Add(), 0.0, shared);
+    total.clip_high = block_reduce(own.clip_high, Add(), 0.0, shared);
+    total.dual_clip = block_reduce(own.dual_clip, Add(), 0.0, shared);
+    total.ratio_sum = block_reduce(own.ratio_sum, Add(), 0.0, shared);
+    total.ratio_min = block_reduce(own.ratio_min, Min(), infinity, shared);
+    total.ratio_max = block_reduce(own.ratio_max, Max(), -infinity, shared);
+    total.ratio_count = block_reduce(own.ratio_count, Add(), 0.0, shared);
+    total.approx_kl = block_reduce(own.approx_kl, Add(), 0.0, shared);
+    total.entropy_sum = block_reduce(own.entropy_sum, Add(), 0.0, shared);
+    return total;
+}
 
 struct LossInputs {
     const float* logprob;
@@ -213,170 +130,52 @@ struct LossInputs {
     const float* entropy;
 };
 
-// Pass 3, one CTA per response: the per-token coefficients and the response's partial sums.
+// Pass 3, one CTA per response: the per-token coefficients and the response's partial sums, by
+// the CPU's own per-response and per-token math (loss_math.h).
 __global__ void __launch_bounds__(kResponseThreads) coefficients_kernel(gspo4j_loss_config config, DeviceLayout layout, LossInputs in,
                                                                         const ResponseStats* __restrict__ stats,
-                                                                        const Scales* __restrict__ scales,
+                                                                        const math::Scales* __restrict__ scales,
                                                                         float* __restrict__ grad_logprob,
                                                                         float* __restrict__ grad_entropy,
-                                                                        Partial* __restrict__ partials) {
+                                                                        math::Partial* __restrict__ partials) {
     __shared__ double shared[32];
-    const Scales s = *scales;
-    const Clip clip{1.0 - config.eps_low, 1.0 + config.eps_high, config.dual_clip, config.log_ratio_clamp};
-    const int level = config.ratio_level;
-    const bool use_kl = config.kl_coef != 0.0;
-    const bool use_entropy = config.entropy_coef != 0.0;
+    const math::Scales s = *scales;
+    const math::Clip clip = math::Clip::of(config);
     for (int64_t b = blockIdx.x; b < layout.batch; b += gridDim.x) {
         int64_t begin = layout.begin(b);
         int64_t end = layout.end(b);
         clamp_range(layout.tokens, &begin, &end);
-        const int64_t n = stats[b].length;
-        const double weight = n == 0 ? 0.0 : s.divide_by_length ? s.token_scale / static_cast<double>(n) : s.token_scale;
-        bool sequence_inside = true;
-        const double sequence_ratio = level == GSPO4J_RATIO_TOKEN ? 1.0 : clip.ratio(stats[b].log_ratio, &sequence_inside);
-        double sequence_coefficient = 0.0;
-        Partial own = {};
-        own.ratio_min = INFINITY;
-        own.ratio_max = -INFINITY;
-        if (level == GSPO4J_RATIO_SEQUENCE && n > 0) {
-            const double a = in.advantages[b];
-            const Clip::Decision d = clip.decide(sequence_ratio, a);
-            if (threadIdx.x == 0) {
-                own.surrogate = d.objective;
-                own.clip_low = d.clipped_low;
-                own.clip_high = d.clipped_high;
-                own.dual_clip = d.dual_clipped;
-            }
-            if (d.gradient && sequence_inside) sequence_coefficient = a * sequence_ratio / static_cast<double>(n);
-        }
-        if (level != GSPO4J_RATIO_TOKEN && n > 0 && threadIdx.x == 0) {
-            own.ratio_sum = sequence_ratio;
-            own.ratio_min = sequence_ratio;
-            own.ratio_max = sequence_ratio;
-            own.ratio_count = 1.0;
-        }
+        math::Partial own;
+        // Thread 0 carries the response's own terms (GSPO's clip decision, its ratio).
+        const math::Response response = math::begin_response(config, clip, s, stats[b].length, stats[b].log_ratio, in.advantages, b,
+                                                             threadIdx.x == 0 ? &own : nullptr);
         for (int64_t i = begin + threadIdx.x; i < end; i += kResponseThreads) {
             if (!counted(in.mask, i)) {
                 grad_logprob[i] = 0.0f;
                 if (grad_entropy) grad_entropy[i] = 0.0f;
                 continue;
             }
-            const double lp = in.logprob[i];
-            const double olp = in.old_logprob ? static_cast<double>(in.old_logprob[i]) : lp;
-            double g = 0.0;
-            if (level == GSPO4J_RATIO_SEQUENCE) {
-                g = -s.response_scale * sequence_coefficient;
-            } else {
-                const double a = in.advantages_per_token ? in.advantages[i] : in.advantages[b];
-                bool inside = sequence_inside;
-                const double r = level == GSPO4J_RATIO_TOKEN ? clip.ratio(lp - olp, &inside) : sequence_ratio;
-                const Clip::Decision d = clip.decide(r, a);
-                own.surrogate += weight * d.objective;
-                own.clip_low += d.clipped_low;
-                own.clip_high += d.clipped_high;
-                own.dual_clip += d.dual_clipped;
-                if (level == GSPO4J_RATIO_TOKEN) {
-                    own.ratio_sum += r;
-                    own.ratio_min = min_of(own.ratio_min, r);
-                    own.ratio_max = max_of(own.ratio_max, r);
-                    own.ratio_count += 1.0;
-                }
-                if (d.gradient && inside) g = -weight * a * r;
-            }
-            if (use_kl) {
-                const double raw = static_cast<double>(in.ref_logprob[i]) - lp;
-                const double d = min_of(max_of(raw, -config.log_ratio_clamp), config.log_ratio_clamp);
-                own.kl += weight * kl_value(config.kl_estimator, d);
-                if (raw >= -config.log_ratio_clamp && raw <= config.log_ratio_clamp) {
-                    g += config.kl_coef * weight * kl_gradient(config.kl_estimator, d);
-                }
-            }
-            if (in.entropy) {
-                own.entropy += weight * in.entropy[i];
-                own.entropy_sum += in.entropy[i];
-            }
-            own.approx_kl += olp - lp;
-            grad_logprob[i] = static_cast<float>(g);
-            if (grad_entropy) grad_entropy[i] = use_entropy ? static_cast<float>(-config.entropy_coef * weight) : 0.0f;
+            const double advantage = config.ratio_level == GSPO4J_RATIO_SEQUENCE ? 0.0
+                                     : in.advantages_per_token                   ? in.advantages[i]
+                                                                                 : in.advantages[b];
+            math::counted_token(config, clip, response, i, in.logprob, in.old_logprob, advantage, in.ref_logprob, in.entropy, own,
+                                grad_logprob, grad_entropy);
         }
-        Partial total;
-        total.surrogate = block_reduce(own.surrogate, Add(), 0.0, shared);
-        total.kl = block_reduce(own.kl, Add(), 0.0, shared);
-        total.entropy = block_reduce(own.entropy, Add(), 0.0, shared);
-        total.clip_low = block_reduce(own.clip_low, Add(), 0.0, shared);
-        total.clip_high = block_reduce(own.clip_high, Add(), 0.0, shared);
-        total.dual_clip = block_reduce(own.dual_clip, Add(), 0.0, shared);
-        total.ratio_sum = block_reduce(own.ratio_sum, Add(), 0.0, shared);
-        total.ratio_min = block_reduce(own.ratio_min, Min(), static_cast<double>(INFINITY), shared);
-        total.ratio_max = block_reduce(own.ratio_max, Max(), static_cast<double>(-INFINITY), shared);
-        total.ratio_count = block_reduce(own.ratio_count, Add(), 0.0, shared);
-        total.approx_kl = block_reduce(own.approx_kl, Add(), 0.0, shared);
-        total.entropy_sum = block_reduce(own.entropy_sum, Add(), 0.0, shared);
+        const math::Partial total = block_reduce_partial(own, shared);
         if (threadIdx.x == 0) partials[b] = total;
     }
 }
 
 // Pass 4, one CTA: the responses' partial sums in a fixed order, the loss and the metrics.
 __global__ void __launch_bounds__(kTotalThreads) finish_kernel(gspo4j_loss_config config, int64_t batch,
-                                                               const Partial* __restrict__ partials, const Scales* __restrict__ scales,
-                                                               float* __restrict__ loss, float* __restrict__ metrics) {
+                                                               const math::Partial* __restrict__ partials,
+                                                               const math::Scales* __restrict__ scales, float* __restrict__ loss,
+                                                               float* __restrict__ metrics) {
     __shared__ double shared[32];
-    Partial own = {};
-    own.ratio_min = INFINITY;
-    own.ratio_max = -INFINITY;
-    for (int64_t b = threadIdx.x; b < batch; b += kTotalThreads) {
-        const Partial& p = partials[b];
-        own.surrogate += p.surrogate;
-        own.kl += p.kl;
-        own.entropy += p.entropy;
-        own.clip_low += p.clip_low;
-        own.clip_high += p.clip_high;
-        own.dual_clip += p.dual_clip;
-        own.ratio_sum += p.ratio_sum;
-        own.ratio_min = min_of(own.ratio_min, p.ratio_min);
-        own.ratio_max = max_of(own.ratio_max, p.ratio_max);
-        own.ratio_count += p.ratio_count;
-        own.approx_kl += p.approx_kl;
-        own.entropy_sum += p.entropy_sum;
-    }
-    Partial total;
-    total.surrogate = block_reduce(own.surrogate, Add(), 0.0, shared);
-    total.kl = block_reduce(own.kl, Add(), 0.0, shared);
-    total.entropy = block_reduce(own.entropy, Add(), 0.0, shared);
-    total.clip_low = block_reduce(own.clip_low, Add(), 0.0, shared);
-    total.clip_high = block_reduce(own.clip_high, Add(), 0.0, shared);
-    total.dual_clip = block_reduce(own.dual_clip, Add(), 0.0, shared);
-    total.ratio_sum = block_reduce(own.ratio_sum, Add(), 0.0, shared);
-    total.ratio_min = block_reduce(own.ratio_min, Min(), static_cast<double>(INFINITY), shared);
-    total.ratio_max = block_reduce(own.ratio_max, Max(), static_cast<double>(-INFINITY), shared);
-    total.ratio_count = block_reduce(own.ratio_count, Add(), 0.0, shared);
-    total.approx_kl = block_reduce(own.approx_kl, Add(), 0.0, shared);
-    total.entropy_sum = block_reduce(own.entropy_sum, Add(), 0.0, shared);
-    if (threadIdx.x != 0) return;
-    const Scales s = *scales;
-    const int level = config.ratio_level;
-    // "+ 0.0" turns the -0.0 of an empty batch into 0.0.
-    const double policy_loss = (level == GSPO4J_RATIO_SEQUENCE ? -s.response_scale * total.surrogate : -total.surrogate) + 0.0;
-    loss[0] = static_cast<float>(policy_loss + config.kl_coef * total.kl - config.entropy_coef * total.entropy + 0.0);
-    if (!metrics) return;
-    const double responses = static_cast<double>(s.responses);
-    const double tokens = static_cast<double>(s.total_tokens);
-    const double decisions = level == GSPO4J_RATIO_SEQUENCE ? responses : tokens;
-    auto mean = [](double sum, double count) { return count > 0.0 ? sum / count : 0.0; };
-    const bool any_ratio = total.ratio_count > 0.0;
-    metrics[GSPO4J_METRIC_POLICY_LOSS] = static_cast<float>(policy_loss);
-    metrics[GSPO4J_METRIC_KL] = static_cast<float>(total.kl);
-    metrics[GSPO4J_METRIC_ENTROPY] = static_cast<float>(total.entropy);
-    metrics[GSPO4J_METRIC_CLIP_FRACTION_LOW] = static_cast<float>(mean(total.clip_low, decisions));
-    metrics[GSPO4J_METRIC_CLIP_FRACTION_HIGH] = static_cast<float>(mean(total.clip_high, decisions));
-    metrics[GSPO4J_METRIC_DUAL_CLIP_FRACTION] = static_cast<float>(mean(total.dual_clip, decisions));
-    metrics[GSPO4J_METRIC_RATIO_MEAN] = static_cast<float>(mean(total.ratio_sum, total.ratio_count));
-    metrics[GSPO4J_METRIC_RATIO_MIN] = any_ratio ? static_cast<float>(total.ratio_min) : 0.0f;
-    metrics[GSPO4J_METRIC_RATIO_MAX] = any_ratio ? static_cast<float>(total.ratio_max) : 0.0f;
-    metrics[GSPO4J_METRIC_APPROX_KL] = static_cast<float>(mean(total.approx_kl, tokens));
-    metrics[GSPO4J_METRIC_ENTROPY_MEAN] = static_cast<float>(mean(total.entropy_sum, tokens));
-    metrics[GSPO4J_METRIC_SEQUENCES] = static_cast<float>(responses);
-    metrics[GSPO4J_METRIC_TOKENS] = static_cast<float>(tokens);
+    math::Partial own;
+    for (int64_t b = threadIdx.x; b < batch; b += kTotalThreads) own.add(partials[b]);
+    const math::Partial total = block_reduce_partial(own, shared);
+    if (threadIdx.x == 0) math::finish_loss(config, total, *scales, loss, metrics);
 }
 
 unsigned response_grid(int64_t batch) { return static_cast<unsigned>(batch < 65535 * 16 ? batch : 65535 * 16); }
@@ -425,10 +224,10 @@ void policy_loss(void* stream_pointer, const gspo4j_loss_config& config, const T
     const ErrorRecord record = error_record();
     check_offsets(stream, layout, record);
     const size_t batch = static_cast<size_t>(layout.batch);
-    Scratch scratch(batch * (sizeof(ResponseStats) + sizeof(Partial)) + sizeof(Scales), stream);
+    Scratch scratch(batch * (sizeof(ResponseStats) + sizeof(math::Partial)) + sizeof(math::Scales), stream);
     ResponseStats* stats = scratch.as<ResponseStats>();
-    Partial* partials = scratch.as<Partial>(batch * sizeof(ResponseStats));
-    Scales* scales = scratch.as<Scales>(batch * (sizeof(ResponseStats) + sizeof(Partial)));
+    math::Partial* partials = scratch.as<math::Partial>(batch * sizeof(ResponseStats));
+    math::Scales* scales = scratch.as<math::Scales>(batch * (sizeof(ResponseStats) + sizeof(math::Partial)));
     const DeviceLayout device = device_layout(layout);
     const bool use_kl = config.kl_coef != 0.0;
     if (layout.batch > 0) {

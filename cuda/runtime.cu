@@ -78,13 +78,22 @@ ErrorRecord error_record() {
     return records[device];
 }
 
-DeviceGuard::DeviceGuard(const void* pointer, const char* name) {
+namespace {
+
+// What CUDA knows of `pointer`, which must be device or managed memory.
+cudaPointerAttributes device_memory(const void* pointer, const char* name) {
     cudaPointerAttributes attributes;
     check_cuda(cudaPointerGetAttributes(&attributes, pointer), (std::string("cudaPointerGetAttributes(") + name + ")").c_str());
     if (attributes.type != cudaMemoryTypeDevice && attributes.type != cudaMemoryTypeManaged) {
         fail(GSPO4J_ERROR_INVALID_ARGUMENT, std::string(name) + " is not CUDA device memory (device = GSPO4J_DEVICE_CUDA)");
     }
-    device_ = attributes.device;
+    return attributes;
+}
+
+}  // namespace
+
+DeviceGuard::DeviceGuard(const void* pointer, const char* name) {
+    device_ = device_memory(pointer, name).device;
     previous_ = current_device();
     if (previous_ != device_) check_cuda(cudaSetDevice(device_), "cudaSetDevice");
 }
@@ -95,11 +104,7 @@ DeviceGuard::~DeviceGuard() {
 
 void require_device_pointer(const void* pointer, const char* name) {
     if (pointer == nullptr) return;
-    cudaPointerAttributes attributes;
-    check_cuda(cudaPointerGetAttributes(&attributes, pointer), (std::string("cudaPointerGetAttributes(") + name + ")").c_str());
-    if (attributes.type != cudaMemoryTypeDevice && attributes.type != cudaMemoryTypeManaged) {
-        fail(GSPO4J_ERROR_INVALID_ARGUMENT, std::string(name) + " is not CUDA device memory (device = GSPO4J_DEVICE_CUDA)");
-    }
+    const cudaPointerAttributes attributes = device_memory(pointer, name);
     const int device = current_device();
     if (attributes.type == cudaMemoryTypeDevice && attributes.device != device) {
         fail(GSPO4J_ERROR_INVALID_ARGUMENT, std::string(name) + " is on CUDA device " + std::to_string(attributes.device) +

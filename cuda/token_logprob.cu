@@ -221,15 +221,21 @@ __device__ Statistics row_statistics(const typename D::storage* row, int64_t beg
     return Statistics{block_max, total_sum, total_weighted};
 }
 
-// lse, lp and H of one row from its statistics.
-__device__ void write_forward(const Statistics& s, bool bad, int64_t row, float target_x, bool target_ok, bool check_finite,
-                              ErrorRecord record, float* logprob, double* lse, float* entropy) {
+// lse, lp and H of one row from its statistics; checks the row's token id.
+template <typename D>
+__device__ void write_forward(const Statistics& s, bool bad, int64_t row, const typename D::storage* row_pointer, const Geometry& g,
+                              const int64_t* targets, float inverse_temperature, bool check_finite, ErrorRecord record,
+                              float* logprob, double* lse, float* entropy) {
+    const int64_t y = targets[row];
+    const bool target_ok = y >= 0 && y < g.vocab;
+    if (!target_ok) report(record, DataError::kTargetOutOfRange, row);
     const bool non_finite = bad || !(s.sum > 0.0) || !isfinite(s.max);
     if (non_finite && check_finite) report(record, DataError::kNonFiniteLogits, row);
     const double log_sum = log(s.sum);
     const double row_lse = s.max + log_sum;
     lse[row] = row_lse;
-    logprob[row] = target_ok ? static_cast<float>(static_cast<double>(target_x) - row_lse) : NAN;
+    // The same fp32 product the statistics used, so lp and the backward agree.
+    logprob[row] = target_ok ? static_cast<float>(static_cast<double>(D::widen(row_pointer[y]) * inverse_temperature) - row_lse) : NAN;
     if (entropy) entropy[row] = static_cast<float>(log_sum - s.weighted / s.sum);
 }
 
@@ -253,12 +259,7 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads) forward_kernel(cons
             partial_bad[row * g.splits + split] = bad;
             continue;
         }
-        const int64_t y = targets[row];
-        const bool target_ok = y >= 0 && y < g.vocab;
-        if (!target_ok) report(record, DataError::kTargetOutOfRange, row);
-        // The same fp32 product the statistics used, so lp and the backward agree.
-        const float target_x = target_ok ? D::widen(row_pointer[y]) * inverse_temperature : 0.0f;
-        write_forward(s, bad, row, target_x, target_ok, check_finite, record, logprob, lse, entropy);
+        write_forward<D>(s, bad, row, row_pointer, g, targets, inverse_temperature, check_finite, record, logprob, lse, entropy);
     }
 }
 
@@ -276,11 +277,8 @@ __global__ void forward_merge_kernel(const typename D::storage* __restrict__ log
         s = merge(s, partial[row * g.splits + k]);
         bad |= partial_bad[row * g.splits + k] != 0;
     }
-    const int64_t y = targets[row];
-    const bool target_ok = y >= 0 && y < g.vocab;
-    if (!target_ok) report(record, DataError::kTargetOutOfRange, row);
-    const float target_x = target_ok ? D::widen(logits[g.offset(row) + y]) * inverse_temperature : 0.0f;
-    write_forward(s, bad, row, target_x, target_ok, check_finite, record, logprob, lse, entropy);
+    write_forward<D>(s, bad, row, logits + g.offset(row), g, targets, inverse_temperature, check_finite, record, logprob, lse,
+                     entropy);
 }
 
 struct BackwardRow {
@@ -363,9 +361,9 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads) backward_kernel(con
                                                             const int* __restrict__ any_bad, double* __restrict__ partial_others,
                                                             float* __restrict__ target_x_out) {
     __shared__ double shared[32];
-    __shared__ float target_x;
-    __shared__ int target_ok;
-    if (*any_bad) return;  // the whole block leaves: no barrier is left waiting
+    // Any bad id (check_targets_kernel ran first on this stream): nothing is written, so an
+    // in-place call leaves the caller's logits as they were. The whole block leaves at once.
+    if (*any_bad) return;
     const int split = blockIdx.y;
     for (int64_t row = blockIdx.x; row < g.rows; row += gridDim.x) {
         const typename D::storage* row_pointer = logits + g.offset(row);
@@ -373,20 +371,13 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads) backward_kernel(con
         const int64_t begin = split * g.split_width;
         const int64_t end = column_end(g, begin);
         const int64_t y = targets[row];
-        __syncthreads();  // every thread has read the previous row's target_ok
-        if (threadIdx.x == 0) {
-            // check_targets_kernel has vouched for every id; the test keeps a bad one from ever
-            // addressing memory even so.
-            target_ok = y >= 0 && y < g.vocab;
+        float target_x = 0.0f;  // thread 0's: it alone writes the target's entry
+        if (threadIdx.x == 0 && y >= begin && y < end) {
             // Read before any thread overwrites it (in place: grad_logits == logits).
-            if (target_ok && y >= begin && y < end) {
-                target_x = D::widen(row_pointer[y]) * inverse_temperature;
-                if (g.splits > 1) target_x_out[row] = target_x;
-            }
+            target_x = D::widen(row_pointer[y]) * inverse_temperature;
+            if (g.splits > 1) target_x_out[row] = target_x;
         }
         __syncthreads();
-        // A bad id leaves the row untouched: with an in-place call the caller's logits survive.
-        if (!target_ok) continue;
         const double row_lse = lse[row];
         BackwardRow r;
         r.lse_hi = static_cast<float>(row_lse);
@@ -418,7 +409,6 @@ __global__ void backward_target_kernel(Geometry g, const int64_t* __restrict__ t
     const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (row >= g.rows || *any_bad) return;
     const int64_t y = targets[row];
-    if (y < 0 || y >= g.vocab) return;
     double others = 0.0;
     for (int k = 0; k < g.splits; ++k) others += partial_others[row * g.splits + k];
     BackwardRow r;
@@ -436,6 +426,16 @@ struct Plan {
     int64_t split_width;
     unsigned grid_rows;
 };
+
+// Calls launch(D()) with the dtype tag of `dtype`.
+template <typename Launch>
+void with_dtype(int32_t dtype, Launch launch) {
+    switch (dtype) {
+        case GSPO4J_BFLOAT16: launch(BFloat16()); break;
+        case GSPO4J_FLOAT16: launch(Float16()); break;
+        default: launch(Float32()); break;
+    }
+}
 
 // GSPO4J_CUDA_THREADS=128|256|512|1024 overrides the CTA size: a tuning knob for the device
 // harness (bench/gpu), read on every call so one process can compare them.
@@ -561,17 +561,9 @@ void token_logprob_forward(void* stream_pointer, const LogitsView& logits, const
     const cudaStream_t stream = as_stream(stream_pointer);
     const ErrorRecord record = error_record();
     const float inverse_temperature = static_cast<float>(1.0 / temperature);
-    switch (logits.dtype) {
-        case GSPO4J_BFLOAT16:
-            forward_typed<BFloat16>(stream, logits, targets, inverse_temperature, check_finite, record, logprob, lse, entropy);
-            break;
-        case GSPO4J_FLOAT16:
-            forward_typed<Float16>(stream, logits, targets, inverse_temperature, check_finite, record, logprob, lse, entropy);
-            break;
-        default:
-            forward_typed<Float32>(stream, logits, targets, inverse_temperature, check_finite, record, logprob, lse, entropy);
-            break;
-    }
+    with_dtype(logits.dtype, [&](auto tag) {
+        forward_typed<decltype(tag)>(stream, logits, targets, inverse_temperature, check_finite, record, logprob, lse, entropy);
+    });
 }
 
 void token_logprob_backward(void* stream_pointer, const LogitsView& logits, const int64_t* targets, double temperature,
@@ -586,20 +578,10 @@ void token_logprob_backward(void* stream_pointer, const LogitsView& logits, cons
     require_device_pointer(grad_logits, "grad_logits");
     const cudaStream_t stream = as_stream(stream_pointer);
     const ErrorRecord record = error_record();
-    switch (logits.dtype) {
-        case GSPO4J_BFLOAT16:
-            backward_typed<BFloat16>(stream, logits, targets, temperature, lse, entropy, grad_logprob, grad_entropy, grad_logits,
-                                     grad_stride_batch, grad_stride_seq, record);
-            break;
-        case GSPO4J_FLOAT16:
-            backward_typed<Float16>(stream, logits, targets, temperature, lse, entropy, grad_logprob, grad_entropy, grad_logits,
-                                    grad_stride_batch, grad_stride_seq, record);
-            break;
-        default:
-            backward_typed<Float32>(stream, logits, targets, temperature, lse, entropy, grad_logprob, grad_entropy, grad_logits,
-                                    grad_stride_batch, grad_stride_seq, record);
-            break;
-    }
+    with_dtype(logits.dtype, [&](auto tag) {
+        backward_typed<decltype(tag)>(stream, logits, targets, temperature, lse, entropy, grad_logprob, grad_entropy, grad_logits,
+                                      grad_stride_batch, grad_stride_seq, record);
+    });
 }
 
 }  // namespace cuda

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "cpu_ops.h"
+#include "loss_math.h"
 #include "parallel.h"
 
 namespace gspo4j {
@@ -106,22 +107,7 @@ void gae(const TokenLayout& layout, const float* rewards, const float* values, c
     const int64_t mean_length = layout.batch > 0 ? std::max<int64_t>(1, layout.tokens / layout.batch) : 1;
     parallel_for(layout.batch, std::max<int64_t>(1, 4096 / mean_length), [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) {
-            double next_value = 0.0;
-            double next_advantage = 0.0;
-            for (int64_t i = layout.end(b) - 1; i >= layout.begin(b); --i) {
-                if (mask && mask[i] == 0) {
-                    advantages[i] = 0.0f;
-                    returns[i] = 0.0f;
-                    continue;
-                }
-                const double value = values[i];
-                const double delta = static_cast<double>(rewards[i]) + gamma * next_value - value;
-                const double advantage = delta + gamma * lambda * next_advantage;
-                advantages[i] = static_cast<float>(advantage);
-                returns[i] = static_cast<float>(advantage + value);
-                next_value = value;
-                next_advantage = advantage;
-            }
+            math::gae_response(layout.begin(b), layout.end(b), rewards, values, mask, gamma, lambda, advantages, returns);
         }
     });
 }
