@@ -132,10 +132,10 @@ void group_advantages(void* stream_pointer, int64_t count, const float* rewards,
     const cudaStream_t stream = as_stream(stream_pointer);
     const ErrorRecord record = error_record();
     if (check_finite) {
-        check_rewards_kernel<<<blocks_for(count), kThreads, 0, stream>>>(count, rewards, record);
+        GSPO4J_LAUNCH(blocks_for(count), kThreads, 0, stream, check_rewards_kernel)(count, rewards, record);
         check_launch("check_rewards_kernel");
     }
-    group_advantages_kernel<<<blocks_for(count), kThreads, 0, stream>>>(count, rewards, group_size, group_ids, mode, eps, record,
+    GSPO4J_LAUNCH(blocks_for(count), kThreads, 0, stream, group_advantages_kernel)(count, rewards, group_size, group_ids, mode, eps, record,
                                                                         advantages);
     check_launch("group_advantages_kernel");
 }
@@ -153,11 +153,11 @@ void gae(void* stream_pointer, const TokenLayout& layout, const float* rewards, 
     const ErrorRecord record = error_record();
     check_offsets(stream, layout, record);
     if (check_finite && layout.tokens > 0) {
-        check_gae_kernel<<<blocks_for(layout.tokens), kThreads, 0, stream>>>(layout.tokens, rewards, values, mask, record);
+        GSPO4J_LAUNCH(blocks_for(layout.tokens), kThreads, 0, stream, check_gae_kernel)(layout.tokens, rewards, values, mask, record);
         check_launch("check_gae_kernel");
     }
     if (layout.batch == 0) return;
-    gae_kernel<<<blocks_for(layout.batch), kThreads, 0, stream>>>(device_layout(layout), rewards, values, mask, gamma, lambda,
+    GSPO4J_LAUNCH(blocks_for(layout.batch), kThreads, 0, stream, gae_kernel)(device_layout(layout), rewards, values, mask, gamma, lambda,
                                                                   advantages, returns);
     check_launch("gae_kernel");
 }

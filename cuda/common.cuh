@@ -11,6 +11,17 @@
 
 #include "common.h"
 
+// Kernel launches and static shared arrays go through these two macros, so that the same sources
+// also run on the CPU under the SIMT emulator of cuda/test/emulator, whose cuda_runtime.h defines
+// its own versions of both. The kernel comes last: a template-id such as kernel<D, kThreads>
+// holds a comma.
+#ifndef GSPO4J_LAUNCH
+#define GSPO4J_LAUNCH(grid, block, shared_bytes, stream, ...) __VA_ARGS__<<<grid, block, shared_bytes, stream>>>
+#endif
+#ifndef GSPO4J_SHARED
+#define GSPO4J_SHARED(type, name, count) __shared__ type name[count]
+#endif
+
 namespace gspo4j {
 namespace cuda {
 

@@ -48,8 +48,8 @@ __global__ void __launch_bounds__(kResponseThreads) response_stats_kernel(Device
                                                                           ErrorRecord record, ResponseStats* __restrict__ stats,
                                                                           float* __restrict__ log_ratio_out,
                                                                           float* __restrict__ lengths_out) {
-    __shared__ double shared[32];
-    __shared__ long long shared_count[32];
+    GSPO4J_SHARED(double, shared, 32);
+    GSPO4J_SHARED(long long, shared_count, 32);
     for (int64_t b = blockIdx.x; b < layout.batch; b += gridDim.x) {
         int64_t begin = layout.begin(b);
         int64_t end = layout.end(b);
@@ -86,7 +86,7 @@ __global__ void __launch_bounds__(kResponseThreads) response_stats_kernel(Device
 __global__ void __launch_bounds__(kTotalThreads) scales_kernel(gspo4j_loss_config config, DeviceLayout layout,
                                                                const ResponseStats* __restrict__ stats,
                                                                math::Scales* __restrict__ scales) {
-    __shared__ long long shared[32];
+    GSPO4J_SHARED(long long, shared, 32);
     long long responses = 0, tokens = 0, longest = 0;
     for (int64_t b = threadIdx.x; b < layout.batch; b += kTotalThreads) {
         responses += stats[b].length > 0 ? 1 : 0;
@@ -138,7 +138,7 @@ __global__ void __launch_bounds__(kResponseThreads) coefficients_kernel(gspo4j_l
                                                                         float* __restrict__ grad_logprob,
                                                                         float* __restrict__ grad_entropy,
                                                                         math::Partial* __restrict__ partials) {
-    __shared__ double shared[32];
+    GSPO4J_SHARED(double, shared, 32);
     const math::Scales s = *scales;
     const math::Clip clip = math::Clip::of(config);
     for (int64_t b = blockIdx.x; b < layout.batch; b += gridDim.x) {
@@ -171,7 +171,7 @@ __global__ void __launch_bounds__(kTotalThreads) finish_kernel(gspo4j_loss_confi
                                                                const math::Partial* __restrict__ partials,
                                                                const math::Scales* __restrict__ scales, float* __restrict__ loss,
                                                                float* __restrict__ metrics) {
-    __shared__ double shared[32];
+    GSPO4J_SHARED(double, shared, 32);
     math::Partial own;
     for (int64_t b = threadIdx.x; b < batch; b += kTotalThreads) own.add(partials[b]);
     const math::Partial total = block_reduce_partial(own, shared);
@@ -204,7 +204,7 @@ void sequence_log_ratio(void* stream_pointer, const TokenLayout& layout, const f
     check_offsets(stream, layout, record);
     if (layout.batch == 0) return;
     const FiniteChecks checks{check_finite, false, false, nullptr, nullptr, nullptr};
-    response_stats_kernel<<<response_grid(layout.batch), kResponseThreads, 0, stream>>>(
+    GSPO4J_LAUNCH(response_grid(layout.batch), kResponseThreads, 0, stream, response_stats_kernel)(
         device_layout(layout), logprob, old_logprob, mask, checks, record, nullptr, log_ratio, lengths);
     check_launch("sequence_log_ratio response_stats_kernel");
 }
@@ -233,19 +233,19 @@ void policy_loss(void* stream_pointer, const gspo4j_loss_config& config, const T
     if (layout.batch > 0) {
         const FiniteChecks checks{config.check_finite != 0, advantages_per_token, !advantages_per_token, advantages,
                                   use_kl ? ref_logprob : nullptr, entropy};
-        response_stats_kernel<<<response_grid(layout.batch), kResponseThreads, 0, stream>>>(
+        GSPO4J_LAUNCH(response_grid(layout.batch), kResponseThreads, 0, stream, response_stats_kernel)(
             device, logprob, old_logprob, mask, checks, record, stats, nullptr, nullptr);
         check_launch("policy_loss response_stats_kernel");
     }
-    scales_kernel<<<1, kTotalThreads, 0, stream>>>(config, device, stats, scales);
+    GSPO4J_LAUNCH(1, kTotalThreads, 0, stream, scales_kernel)(config, device, stats, scales);
     check_launch("policy_loss scales_kernel");
     if (layout.batch > 0) {
         const LossInputs in{logprob, old_logprob, mask, advantages, advantages_per_token, ref_logprob, entropy};
-        coefficients_kernel<<<response_grid(layout.batch), kResponseThreads, 0, stream>>>(config, device, in, stats, scales,
+        GSPO4J_LAUNCH(response_grid(layout.batch), kResponseThreads, 0, stream, coefficients_kernel)(config, device, in, stats, scales,
                                                                                          grad_logprob, grad_entropy, partials);
         check_launch("policy_loss coefficients_kernel");
     }
-    finish_kernel<<<1, kTotalThreads, 0, stream>>>(config, layout.batch, partials, scales, loss, metrics);
+    GSPO4J_LAUNCH(1, kTotalThreads, 0, stream, finish_kernel)(config, layout.batch, partials, scales, loss, metrics);
     check_launch("policy_loss finish_kernel");
 }
 

@@ -124,7 +124,7 @@ void check_offsets(cudaStream_t stream, const TokenLayout& layout, ErrorRecord r
     if (!layout.offsets) return;
     const int threads = 256;
     const int64_t blocks = ceil_div(layout.batch + 1, threads);
-    check_offsets_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(layout.offsets, layout.batch, layout.tokens, record);
+    GSPO4J_LAUNCH(static_cast<unsigned>(blocks), threads, 0, stream, check_offsets_kernel)(layout.offsets, layout.batch, layout.tokens, record);
     check_launch("check_offsets_kernel");
 }
 

@@ -27,9 +27,14 @@ constexpr float kLog2e = 1.4426950408889634f;
 
 // ex2.approx: 2 ulp, one MUFU instruction. exp(v) = 2^(v * log2 e), applied only to v = x - max
 // (exact for the entries that matter), so the product's rounding stays relative to a small v.
+// Off the device (the SIMT emulator of cuda/test) the host's exp2f stands in for it.
 __device__ __forceinline__ float exp_shifted(float v) {
     float y;
+#ifdef __CUDA_ARCH__
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(v * kLog2e));
+#else
+    y = exp2f(v * kLog2e);
+#endif
     return y;
 }
 
@@ -170,8 +175,8 @@ __device__ __forceinline__ Statistics merge(const Statistics& a, const Statistic
 template <typename D, int kThreads>
 __device__ Statistics row_statistics(const typename D::storage* row, int64_t begin, int64_t end, float inverse_temperature,
                                      bool* bad) {
-    __shared__ double shared[32];
-    __shared__ int shared_flag[32];
+    GSPO4J_SHARED(double, shared, 32);
+    GSPO4J_SHARED(int, shared_flag, 32);
     float running_max = -INFINITY;
     float sum = 0.0f;
     float weighted = 0.0f;
@@ -360,7 +365,7 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads) backward_kernel(con
                                                             const float* __restrict__ grad_entropy, typename D::storage* grad_logits,
                                                             const int* __restrict__ any_bad, double* __restrict__ partial_others,
                                                             float* __restrict__ target_x_out) {
-    __shared__ double shared[32];
+    GSPO4J_SHARED(double, shared, 32);
     // Any bad id (check_targets_kernel ran first on this stream): nothing is written, so an
     // in-place call leaves the caller's logits as they were. The whole block leaves at once.
     if (*any_bad) return;
@@ -502,12 +507,12 @@ void forward_typed(cudaStream_t stream, const LogitsView& logits, const int64_t*
     const dim3 grid(p.grid_rows, static_cast<unsigned>(p.splits));
     with_threads(p.threads, [&](auto threads) {
         constexpr int kThreads = decltype(threads)::value;
-        forward_kernel<D, kThreads><<<grid, kThreads, 0, stream>>>(data, g, targets, inverse_temperature, check_finite, record,
+        GSPO4J_LAUNCH(grid, kThreads, 0, stream, forward_kernel<D, kThreads>)(data, g, targets, inverse_temperature, check_finite, record,
                                                                   logprob, lse, entropy, partial, partial_bad);
     });
     check_launch("token_logprob forward_kernel");
     if (p.splits > 1) {
-        forward_merge_kernel<D><<<static_cast<unsigned>(ceil_div(g.rows, 256)), 256, 0, stream>>>(
+        GSPO4J_LAUNCH(static_cast<unsigned>(ceil_div(g.rows, 256)), 256, 0, stream, forward_merge_kernel<D>)(
             data, g, targets, inverse_temperature, check_finite, record, logprob, lse, entropy, partial, partial_bad);
         check_launch("token_logprob forward_merge_kernel");
     }
@@ -532,18 +537,18 @@ void backward_typed(cudaStream_t stream, const LogitsView& logits, const int64_t
     int* any_bad = scratch.as<int>(partial_count * sizeof(double) + target_count * sizeof(float));
     check_cuda(cudaMemsetAsync(any_bad, 0, sizeof(int), stream), "cudaMemsetAsync");
     const unsigned check_blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(g.rows, 256), 4096));
-    check_targets_kernel<<<check_blocks, 256, 0, stream>>>(targets, g.rows, g.vocab, record, any_bad);
+    GSPO4J_LAUNCH(check_blocks, 256, 0, stream, check_targets_kernel)(targets, g.rows, g.vocab, record, any_bad);
     check_launch("token_logprob check_targets_kernel");
     const dim3 grid(p.grid_rows, static_cast<unsigned>(p.splits));
     with_threads(p.threads, [&](auto threads) {
         constexpr int kThreads = decltype(threads)::value;
-        backward_kernel<D, kThreads><<<grid, kThreads, 0, stream>>>(data, g, targets, inverse, inverse_wide, lse, entropy,
+        GSPO4J_LAUNCH(grid, kThreads, 0, stream, backward_kernel<D, kThreads>)(data, g, targets, inverse, inverse_wide, lse, entropy,
                                                                    grad_logprob, grad_entropy, grad, any_bad, partial_others,
                                                                    target_x);
     });
     check_launch("token_logprob backward_kernel");
     if (p.splits > 1) {
-        backward_target_kernel<D><<<static_cast<unsigned>(ceil_div(g.rows, 256)), 256, 0, stream>>>(
+        GSPO4J_LAUNCH(static_cast<unsigned>(ceil_div(g.rows, 256)), 256, 0, stream, backward_target_kernel<D>)(
             g, targets, inverse_wide, lse, entropy, grad_logprob, grad_entropy, grad, any_bad, partial_others, target_x);
         check_launch("token_logprob backward_target_kernel");
     }
