@@ -131,8 +131,11 @@ struct LossInputs {
 };
 
 // Pass 3, one CTA per response: the per-token coefficients and the response's partial sums, by
-// the CPU's own per-response and per-token math (loss_math.h).
-__global__ void __launch_bounds__(kResponseThreads) coefficients_kernel(gspo4j_loss_config config, DeviceLayout layout, LossInputs in,
+// the CPU's own per-response and per-token math (loss_math.h). Three CTAs per multiprocessor, not
+// the four ptxas aims at for 256 threads: the token loop keeps a Partial (twelve doubles), the
+// clip bounds and the response's terms live beside fp64 exp, 72-75 registers, and the cap of 64
+// spilled (cuda/ptx_check.cmake fails the build on spills).
+__global__ void __launch_bounds__(kResponseThreads, 3) coefficients_kernel(gspo4j_loss_config config, DeviceLayout layout, LossInputs in,
                                                                         const ResponseStats* __restrict__ stats,
                                                                         const math::Scales* __restrict__ scales,
                                                                         float* __restrict__ grad_logprob,
@@ -145,10 +148,13 @@ __global__ void __launch_bounds__(kResponseThreads) coefficients_kernel(gspo4j_l
         int64_t begin = layout.begin(b);
         int64_t end = layout.end(b);
         clamp_range(layout.tokens, &begin, &end);
+        // Thread 0 carries the response's own terms (GSPO's clip decision, its ratio); the others
+        // drop theirs. Every thread passes &own: a pointer that is null on some threads would keep
+        // own's twelve doubles in local memory (a 104-byte stack frame and a spill, ptxas -v).
         math::Partial own;
-        // Thread 0 carries the response's own terms (GSPO's clip decision, its ratio).
-        const math::Response response = math::begin_response(config, clip, s, stats[b].length, stats[b].log_ratio, in.advantages, b,
-                                                             threadIdx.x == 0 ? &own : nullptr);
+        const math::Response response =
+            math::begin_response(config, clip, s, stats[b].length, stats[b].log_ratio, in.advantages, b, &own);
+        if (threadIdx.x != 0) own = math::Partial();
         for (int64_t i = begin + threadIdx.x; i < end; i += kResponseThreads) {
             if (!counted(in.mask, i)) {
                 grad_logprob[i] = 0.0f;
