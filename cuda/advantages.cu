@@ -73,8 +73,10 @@ __global__ void group_advantages_kernel(int64_t count, const float* __restrict__
         advantages[i] = NAN;
         return;
     }
-    // All equal (a group of one included): exactly 0, not rounding residue divided by eps.
-    if (low == high) {
+    // All equal (a group of one included): exactly 0, not rounding residue divided by eps. A NaN
+    // reward (checking off) makes the sum NaN and every advantage of its group NaN, as on the
+    // CPU; fminf and fmaxf alone would drop it.
+    if (low == high && !isnan(sum)) {
         advantages[i] = 0.0f;
         return;
     }
@@ -108,7 +110,7 @@ __global__ void gae_kernel(DeviceLayout layout, const float* __restrict__ reward
                            const uint8_t* __restrict__ mask, double gamma, double lambda, float* __restrict__ advantages,
                            float* __restrict__ returns) {
     const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (b >= layout.batch) return;
+    if (b >= layout.batch || layout.rejected()) return;
     int64_t begin = layout.begin(b);
     int64_t end = layout.end(b);
     clamp_range(layout.tokens, &begin, &end);
@@ -151,13 +153,13 @@ void gae(void* stream_pointer, const TokenLayout& layout, const float* rewards, 
     }
     const cudaStream_t stream = as_stream(stream_pointer);
     const ErrorRecord record = error_record();
-    check_offsets(stream, layout, record);
+    const CheckedLayout checked(stream, layout, record);
     if (check_finite && layout.tokens > 0) {
         GSPO4J_LAUNCH(blocks_for(layout.tokens), kThreads, 0, stream, check_gae_kernel)(layout.tokens, rewards, values, mask, record);
         check_launch("check_gae_kernel");
     }
     if (layout.batch == 0) return;
-    GSPO4J_LAUNCH(blocks_for(layout.batch), kThreads, 0, stream, gae_kernel)(device_layout(layout), rewards, values, mask, gamma, lambda,
+    GSPO4J_LAUNCH(blocks_for(layout.batch), kThreads, 0, stream, gae_kernel)(checked.device(), rewards, values, mask, gamma, lambda,
                                                                   advantages, returns);
     check_launch("gae_kernel");
 }

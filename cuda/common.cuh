@@ -138,19 +138,29 @@ struct DeviceLayout {
     int64_t seq;
     int64_t tokens;
     const int64_t* offsets;
+    const int* offsets_bad;  // packed: set by the offsets check that ran first on the stream
 
     __device__ __forceinline__ int64_t begin(int64_t b) const { return offsets ? offsets[b] : b * seq; }
     __device__ __forceinline__ int64_t end(int64_t b) const { return offsets ? offsets[b + 1] : (b + 1) * seq; }
+    // Bad offsets: the kernel writes nothing, as the CPU writes nothing. Overlapping responses
+    // would otherwise have several blocks write the same entries (a race), and the call's
+    // outputs would hold garbage beside its error.
+    __device__ __forceinline__ bool rejected() const { return offsets_bad != nullptr && *offsets_bad != 0; }
 };
 
-inline DeviceLayout device_layout(const TokenLayout& layout) {
-    return DeviceLayout{layout.batch, layout.seq, layout.tokens, layout.offsets};
-}
+// A layout whose packed offsets (0 first, non-decreasing, `tokens` last) are checked on the
+// device before any other kernel of the call: a bad entry is recorded as kBadOffsets at its index
+// and makes every later kernel's layout rejected(). Each kernel still clamps a response's range
+// to [0, tokens] before reading it.
+class CheckedLayout {
+public:
+    CheckedLayout(cudaStream_t stream, const TokenLayout& layout, ErrorRecord record);
+    const DeviceLayout& device() const { return device_; }
 
-// Checks packed offsets on the device (0 first, non-decreasing, `tokens` last) and records
-// kBadOffsets at the first bad entry; the ops over the token axis run it first and read a
-// response's range only after clamping it to [0, tokens].
-void check_offsets(cudaStream_t stream, const TokenLayout& layout, ErrorRecord record);
+private:
+    Scratch flag_;
+    DeviceLayout device_;
+};
 
 __device__ __forceinline__ void clamp_range(int64_t tokens, int64_t* begin, int64_t* end) {
     *begin = *begin < 0 ? 0 : (*begin > tokens ? tokens : *begin);

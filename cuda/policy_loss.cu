@@ -50,6 +50,7 @@ __global__ void __launch_bounds__(kResponseThreads) response_stats_kernel(Device
                                                                           float* __restrict__ lengths_out) {
     GSPO4J_SHARED(double, shared, 32);
     GSPO4J_SHARED(long long, shared_count, 32);
+    if (layout.rejected()) return;  // the whole block
     for (int64_t b = blockIdx.x; b < layout.batch; b += gridDim.x) {
         int64_t begin = layout.begin(b);
         int64_t end = layout.end(b);
@@ -87,6 +88,7 @@ __global__ void __launch_bounds__(kTotalThreads) scales_kernel(gspo4j_loss_confi
                                                                const ResponseStats* __restrict__ stats,
                                                                math::Scales* __restrict__ scales) {
     GSPO4J_SHARED(long long, shared, 32);
+    if (layout.rejected()) return;
     long long responses = 0, tokens = 0, longest = 0;
     for (int64_t b = threadIdx.x; b < layout.batch; b += kTotalThreads) {
         responses += stats[b].length > 0 ? 1 : 0;
@@ -142,6 +144,7 @@ __global__ void __launch_bounds__(kResponseThreads, 3) coefficients_kernel(gspo4
                                                                         float* __restrict__ grad_entropy,
                                                                         math::Partial* __restrict__ partials) {
     GSPO4J_SHARED(double, shared, 32);
+    if (layout.rejected()) return;
     const math::Scales s = *scales;
     const math::Clip clip = math::Clip::of(config);
     for (int64_t b = blockIdx.x; b < layout.batch; b += gridDim.x) {
@@ -173,13 +176,14 @@ __global__ void __launch_bounds__(kResponseThreads, 3) coefficients_kernel(gspo4
 }
 
 // Pass 4, one CTA: the responses' partial sums in a fixed order, the loss and the metrics.
-__global__ void __launch_bounds__(kTotalThreads) finish_kernel(gspo4j_loss_config config, int64_t batch,
+__global__ void __launch_bounds__(kTotalThreads) finish_kernel(gspo4j_loss_config config, DeviceLayout layout,
                                                                const math::Partial* __restrict__ partials,
                                                                const math::Scales* __restrict__ scales, float* __restrict__ loss,
                                                                float* __restrict__ metrics) {
     GSPO4J_SHARED(double, shared, 32);
+    if (layout.rejected()) return;
     math::Partial own;
-    for (int64_t b = threadIdx.x; b < batch; b += kTotalThreads) own.add(partials[b]);
+    for (int64_t b = threadIdx.x; b < layout.batch; b += kTotalThreads) own.add(partials[b]);
     const math::Partial total = block_reduce_partial(own, shared);
     if (threadIdx.x == 0) math::finish_loss(config, total, *scales, loss, metrics);
 }
@@ -198,8 +202,9 @@ const void* first_pointer(std::initializer_list<const void*> pointers) {
 
 void sequence_log_ratio(void* stream_pointer, const TokenLayout& layout, const float* logprob, const float* old_logprob,
                         const uint8_t* mask, bool check_finite, float* log_ratio, float* lengths) {
-    const void* anchor = first_pointer({log_ratio, logprob, lengths});
-    if (anchor == nullptr) return;  // batch = 0 and tokens = 0: nothing to compute
+    // With batch = 0 and tokens = 0 only the offsets may be there, and offsets[0] must still be 0.
+    const void* anchor = first_pointer({log_ratio, logprob, lengths, layout.offsets});
+    if (anchor == nullptr) return;  // padded, batch = 0 and tokens = 0: nothing to compute or check
     const DeviceGuard guard(anchor, "log_ratio");
     for (auto [p, name] : {std::pair<const void*, const char*>{logprob, "logprob"}, {old_logprob, "old_logprob"}, {mask, "mask"},
                            {log_ratio, "log_ratio"}, {lengths, "lengths"}, {layout.offsets, "offsets"}}) {
@@ -207,11 +212,11 @@ void sequence_log_ratio(void* stream_pointer, const TokenLayout& layout, const f
     }
     const cudaStream_t stream = as_stream(stream_pointer);
     const ErrorRecord record = error_record();
-    check_offsets(stream, layout, record);
+    const CheckedLayout checked(stream, layout, record);
     if (layout.batch == 0) return;
     const FiniteChecks checks{check_finite, false, false, nullptr, nullptr, nullptr};
     GSPO4J_LAUNCH(response_grid(layout.batch), kResponseThreads, 0, stream, response_stats_kernel)(
-        device_layout(layout), logprob, old_logprob, mask, checks, record, nullptr, log_ratio, lengths);
+        checked.device(), logprob, old_logprob, mask, checks, record, nullptr, log_ratio, lengths);
     check_launch("sequence_log_ratio response_stats_kernel");
 }
 
@@ -228,13 +233,13 @@ void policy_loss(void* stream_pointer, const gspo4j_loss_config& config, const T
     }
     const cudaStream_t stream = as_stream(stream_pointer);
     const ErrorRecord record = error_record();
-    check_offsets(stream, layout, record);
+    const CheckedLayout checked(stream, layout, record);
     const size_t batch = static_cast<size_t>(layout.batch);
     Scratch scratch(batch * (sizeof(ResponseStats) + sizeof(math::Partial)) + sizeof(math::Scales), stream);
     ResponseStats* stats = scratch.as<ResponseStats>();
     math::Partial* partials = scratch.as<math::Partial>(batch * sizeof(ResponseStats));
     math::Scales* scales = scratch.as<math::Scales>(batch * (sizeof(ResponseStats) + sizeof(math::Partial)));
-    const DeviceLayout device = device_layout(layout);
+    const DeviceLayout& device = checked.device();
     const bool use_kl = config.kl_coef != 0.0;
     if (layout.batch > 0) {
         const FiniteChecks checks{config.check_finite != 0, advantages_per_token, !advantages_per_token, advantages,
@@ -251,7 +256,7 @@ void policy_loss(void* stream_pointer, const gspo4j_loss_config& config, const T
                                                                                          grad_logprob, grad_entropy, partials);
         check_launch("policy_loss coefficients_kernel");
     }
-    GSPO4J_LAUNCH(1, kTotalThreads, 0, stream, finish_kernel)(config, layout.batch, partials, scales, loss, metrics);
+    GSPO4J_LAUNCH(1, kTotalThreads, 0, stream, finish_kernel)(config, device, partials, scales, loss, metrics);
     check_launch("policy_loss finish_kernel");
 }
 

@@ -53,12 +53,15 @@ const KindInfo kKindInfo[kKinds] = {
     {GSPO4J_ERROR_INVALID_ARGUMENT, "RLOO needs at least 2 responses per group; the group of response ", " has 1"},
 };
 
-__global__ void check_offsets_kernel(const int64_t* offsets, int64_t batch, int64_t tokens, ErrorRecord record) {
+__global__ void check_offsets_kernel(const int64_t* offsets, int64_t batch, int64_t tokens, ErrorRecord record, int* any_bad) {
     const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (i > batch) return;
     const int64_t value = offsets[i];
     const bool bad = i == 0 ? value != 0 : value < offsets[i - 1];
-    if (bad || (i == batch && value != tokens)) report(record, DataError::kBadOffsets, i);
+    if (bad || (i == batch && value != tokens)) {
+        report(record, DataError::kBadOffsets, i);
+        *any_bad = 1;
+    }
 }
 
 }  // namespace
@@ -120,11 +123,15 @@ Scratch::~Scratch() {
     if (data_) cudaFreeAsync(data_, stream_);
 }
 
-void check_offsets(cudaStream_t stream, const TokenLayout& layout, ErrorRecord record) {
+CheckedLayout::CheckedLayout(cudaStream_t stream, const TokenLayout& layout, ErrorRecord record)
+    : flag_(layout.offsets ? sizeof(int) : 0, stream),
+      device_{layout.batch, layout.seq, layout.tokens, layout.offsets, layout.offsets ? flag_.as<int>() : nullptr} {
     if (!layout.offsets) return;
+    check_cuda(cudaMemsetAsync(flag_.as<int>(), 0, sizeof(int), stream), "cudaMemsetAsync (offsets check)");
     const int threads = 256;
     const int64_t blocks = ceil_div(layout.batch + 1, threads);
-    GSPO4J_LAUNCH(static_cast<unsigned>(blocks), threads, 0, stream, check_offsets_kernel)(layout.offsets, layout.batch, layout.tokens, record);
+    GSPO4J_LAUNCH(static_cast<unsigned>(blocks), threads, 0, stream, check_offsets_kernel)(layout.offsets, layout.batch, layout.tokens, record,
+                                                                                          flag_.as<int>());
     check_launch("check_offsets_kernel");
 }
 

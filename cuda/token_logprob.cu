@@ -161,8 +161,9 @@ struct Statistics {
 };
 
 __device__ __forceinline__ Statistics merge(const Statistics& a, const Statistics& b) {
-    if (a.sum == 0.0) return b;
-    if (b.sum == 0.0) return a;
+    // Empty: no column at all. A slice of only -Inf (sum 0, weighted NaN) is not empty.
+    if (a.sum == 0.0 && a.weighted == 0.0) return b;
+    if (b.sum == 0.0 && b.weighted == 0.0) return a;
     const double max = a.max > b.max ? a.max : b.max;
     const double da = a.max - max;
     const double db = b.max - max;
@@ -177,13 +178,17 @@ __device__ Statistics row_statistics(const typename D::storage* row, int64_t beg
                                      bool* bad) {
     GSPO4J_SHARED(double, shared, 32);
     GSPO4J_SHARED(int, shared_flag, 32);
-    float running_max = -INFINITY;
+    // -FLT_MAX, not -Inf, as on the CPU: a thread whose first chunk is all -Inf (masked
+    // vocabulary entries, with checking off) then takes e^(-Inf - -FLT_MAX) = 0, where
+    // -Inf - -Inf would make its sum NaN and with it lse.
+    float running_max = -FLT_MAX;
     float sum = 0.0f;
     float weighted = 0.0f;
     for_each_chunk<D, kThreads>(row, begin, end, [&](int64_t, float* values, int count) {
-        float chunk_max = -INFINITY;
+        float chunk_max = -FLT_MAX;
         for (int i = 0; i < count; ++i) {
-            values[i] *= inverse_temperature;
+            // Rounded, never fused into the subtraction below: lp and the backward use this x.
+            values[i] = __fmul_rn(values[i], inverse_temperature);
             chunk_max = fmaxf(chunk_max, values[i]);
         }
         if (chunk_max > running_max) {
@@ -206,10 +211,11 @@ __device__ Statistics row_statistics(const typename D::storage* row, int64_t beg
     });
     const int thread_bad = !(isfinite(sum) && isfinite(weighted));
     // Fixed-order merge: the block max first, then every thread's sums rescaled to it in fp64.
-    // A thread that saw any element has sum >= 1 (its max contributes e^0) or NaN; only empty
-    // threads are left out, so NaN reaches lse as on the CPU, and a -Inf logit (a masked
-    // vocabulary entry, with checking off) spoils only the entropy, not lse.
-    const bool any = sum != 0.0f;
+    // A thread that saw a finite element has sum >= 1 (its max contributes e^0), one that saw NaN
+    // a NaN sum, one that saw only -Inf a zero sum and a NaN weighted sum (0 * -Inf); only empty
+    // threads are left out. So NaN reaches lse as on the CPU, and a -Inf logit (a masked
+    // vocabulary entry, with checking off) spoils only the entropy, not lse, as on the CPU.
+    const bool any = sum != 0.0f || weighted != 0.0f;
     const double own_max = any ? static_cast<double>(running_max) : -INFINITY;
     const double block_max = block_reduce(own_max, Max(), static_cast<double>(-INFINITY), shared);
     double scaled_sum = 0.0;
@@ -240,7 +246,7 @@ __device__ void write_forward(const Statistics& s, bool bad, int64_t row, const 
     const double row_lse = s.max + log_sum;
     lse[row] = row_lse;
     // The same fp32 product the statistics used, so lp and the backward agree.
-    logprob[row] = target_ok ? static_cast<float>(static_cast<double>(D::widen(row_pointer[y]) * inverse_temperature) - row_lse) : NAN;
+    logprob[row] = target_ok ? static_cast<float>(static_cast<double>(__fmul_rn(D::widen(row_pointer[y]), inverse_temperature)) - row_lse) : NAN;
     if (entropy) entropy[row] = static_cast<float>(log_sum - s.weighted / s.sum);
 }
 
@@ -302,7 +308,7 @@ __device__ float backward_columns(const typename D::storage* row, typename D::st
     typedef typename D::storage S;
     float others = 0.0f;
     auto gradient = [&](int64_t column, float z) {
-        const float x = z * inverse_temperature;
+        const float x = __fmul_rn(z, inverse_temperature);  // the forward's x, never fused into x - hi
         // (x - hi) is exact for the entries that matter (Sterbenz), so log p keeps fp32
         // precision even for logits of 1e4.
         const float log_p = (x - r.lse_hi) - r.lse_lo;
@@ -379,7 +385,7 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads) backward_kernel(con
         float target_x = 0.0f;  // thread 0's: it alone writes the target's entry
         if (threadIdx.x == 0 && y >= begin && y < end) {
             // Read before any thread overwrites it (in place: grad_logits == logits).
-            target_x = D::widen(row_pointer[y]) * inverse_temperature;
+            target_x = __fmul_rn(D::widen(row_pointer[y]), inverse_temperature);
             if (g.splits > 1) target_x_out[row] = target_x;
         }
         __syncthreads();

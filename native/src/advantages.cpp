@@ -30,8 +30,10 @@ void advantages_of_group(const float* rewards, const int64_t* members, int64_t s
              "RLOO needs at least 2 responses per group; the group of response " + std::to_string(members[0]) +
                  (group_ids ? " (group id " + std::to_string(group_ids[members[0]]) + ")" : std::string()) + " has 1");
     }
-    // All equal (a group of one included): exactly 0, not rounding residue divided by eps.
-    if (low == high) {
+    // All equal (a group of one included): exactly 0, not rounding residue divided by eps. A NaN
+    // reward (checking off) makes the sum NaN and every advantage of its group NaN, wherever it
+    // sits in the group (std::min and std::max keep a NaN only in their first argument).
+    if (low == high && !std::isnan(sum)) {
         for (int64_t k = 0; k < size; ++k) advantages[members[k]] = 0.0f;
         return;
     }

@@ -66,7 +66,9 @@ void sequence_log_ratio(const TokenLayout& layout, const float* logprob, const f
             int64_t length = 0;
             for (int64_t i = layout.begin(b); i < layout.end(b); ++i) {
                 if (!counted(mask, i)) continue;
-                sum += static_cast<double>(logprob[i]) - (old_logprob ? static_cast<double>(old_logprob[i]) : logprob[i]);
+                // On-policy (no old log-probs) the ratio is sg-detached lp - lp: exactly 0, also for
+                // a NaN lp with checking off, as in policy_loss below and on CUDA.
+                if (old_logprob) sum += static_cast<double>(logprob[i]) - static_cast<double>(old_logprob[i]);
                 ++length;
             }
             log_ratio[b] = length > 0 ? static_cast<float>(sum / static_cast<double>(length)) : 0.0f;

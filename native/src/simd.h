@@ -80,6 +80,15 @@ inline vu non_finite(vf x) { return (vu)(((vu)x & 0x7f800000u) == 0x7f800000u); 
 
 inline vf max(vf a, vf b) { return a > b ? a : b; }
 
+// The product a * b rounded to float before it is used. GCC's default -ffp-contract=fast fuses
+// a * b - c into one FMA when FMA is enabled (the AVX2 and AVX-512 builds), which would skip this
+// rounding: the backward's log p must start from the same x = z / tau as the forward's.
+inline vf rounded_product(vf a, vf b) {
+    vf product = a * b;
+    asm("" : "+v"(product));  // opaque to the optimiser: the product is materialised, rounded
+    return product;
+}
+
 // e^x in float32 to about 1 ulp for x in [-87, 88]; 0 below -87 (the terms this drops are
 // under 1e-38 of a sum that is at least 1) and NaN for NaN. Range reduction x = n ln2 + r with
 // ln2 split in two so n*ln2_hi is exact, then a degree-7 Taylor polynomial on |r| <= ln2/2

@@ -148,7 +148,7 @@ double backward_row(const void* row_pointer, void* grad_pointer, int64_t vocab, 
     // (x - hi) is exact for the entries that matter (x near lse, Sterbenz), so log p keeps
     // float32 precision even when |x| is 1e4.
     auto gradient = [&](vf z) {
-        const vf x = z * inverse_temperature;
+        const vf x = simd::rounded_product(z, simd::broadcast(inverse_temperature));
         const vf log_p = (x - lse_hi) - lse_lo;
         const vf p = simd::exp(log_p);
         others += (index != target_index) & (index < vocab_index) ? p : vf{};

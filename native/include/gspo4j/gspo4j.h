@@ -185,7 +185,8 @@ GSPO4J_API gspo4j_status gspo4j_token_logprob_backward(
 
 /*
  * Per-response mean log-ratio: log_ratio[b] = (1/L_b) sum_t m (lp - olp), 0 when L_b = 0;
- * old_logprob NULL means on-policy (olp = lp). lengths (nullable) receives L_b.
+ * old_logprob NULL means on-policy (olp = sg(lp)): log_ratio is exactly 0, NaN lp included.
+ * lengths (nullable) receives L_b.
  * No clamp is applied here.
  */
 GSPO4J_API gspo4j_status gspo4j_sequence_log_ratio(
