@@ -30,7 +30,7 @@ set(SIMT_SOURCES
 # -ffp-contract=off: a product is rounded before it is added, as __fmul_rn promises and as the
 # CPU kernels are compiled; the emulator then shows what the .cu sources compute, not what a
 # compiler's fusing made of them.
-set(SIMT_FLAGS -ffp-contract=off ${GSPO4J_WARNINGS} -Wno-unused-variable)
+set(SIMT_FLAGS -ffp-contract=off ${GSPO4J_WARNINGS} -Wno-unused-variable -Wno-unknown-pragmas)
 
 # One emulated copy of the library, as an object library, per variant.
 function(gspo4j_simt_variant variant)

@@ -161,6 +161,7 @@ struct Emulator {
     void* main_tsan_fiber = nullptr;
 #endif
     std::vector<Fiber> fibers;  // stacks are kept from launch to launch
+    std::vector<int> round_order;
     Fiber* running = nullptr;
     Block block;
     const char* kernel = "";
@@ -233,6 +234,11 @@ void prepare_stack(Fiber& f) {
         mprotect(memory, kGuardBytes, PROT_NONE);  // an overflow faults instead of corrupting
         f.stack = static_cast<char*>(memory) + kGuardBytes;
     }
+#ifdef SIMT_ASAN
+    // The last fiber on this stack never returned from its outer frames (it left through yield):
+    // their redzones are still poisoned.
+    __asan_unpoison_memory_region(f.stack, kStackBytes);
+#endif
     // The frame simt_switch_context pops: control words, r15, r14, r13 = f, r12 = fiber_main,
     // rbx, rbp, then the return address simt_fiber_start. Its `ret` leaves the stack 16-byte
     // aligned, as a call instruction expects.
@@ -327,10 +333,20 @@ void record_misuse(Emulator& e, const std::string& message) {
 
 // ---- Threads --------------------------------------------------------------------------------
 
+// Thrown by misuse() through the kernel's frames to fiber_main, so that what they hold (the
+// message being built, for one) is destroyed before the fiber is left for good.
+struct Abandon {};
+
+// The misuse found as a thread exits: recorded here, since fiber_main's handler is behind it.
+void exit_misuse(Emulator& e, Fiber& f, const std::string& message) {
+    record_misuse(e, where(e, f) + ": " + message);
+    e.block.aborted = true;
+}
+
 void fiber_exit(Emulator& e, Fiber& f) {
     Block& b = e.block;
     if (b.arrived > 0) {
-        misuse("thread exited while " + std::to_string(b.arrived) + " threads wait at __syncthreads " +
+        exit_misuse(e, f, "thread exited while " + std::to_string(b.arrived) + " threads wait at __syncthreads " +
                site(b.barrier_file, b.barrier_line) + ": a barrier must be reached by every thread of the block");
     }
     const int warp = f.index / 32;
@@ -339,7 +355,7 @@ void fiber_exit(Emulator& e, Fiber& f) {
     for (int i = warp * 32; i < warp_end; ++i) {
         const Fiber& other = e.fibers[i];
         if (other.state == State::kShuffle && (other.mask >> lane & 1u)) {
-            misuse("thread exited while lane " + std::to_string(i % 32) + " waits in a shuffle at " + site(other.file, other.line) +
+            exit_misuse(e, f, "thread exited while lane " + std::to_string(i % 32) + " waits in a shuffle at " + site(other.file, other.line) +
                    " whose mask " + hex(other.mask) + " names it");
         }
     }
@@ -361,7 +377,12 @@ void fiber_main(Fiber* f) {
 #ifdef SIMT_TSAN
     __tsan_acquire(&e.launch_sync);
 #endif
-    e.body(e.argument);
+    try {
+        e.body(e.argument);
+    } catch (const Abandon&) {
+        f->state = State::kExited;
+        yield(e, true);
+    }
     fiber_exit(e, *f);
 }
 
@@ -374,12 +395,16 @@ Fiber& running_fiber(const char* what) {
     return *e.running;
 }
 
-std::vector<int> order(Emulator& e, int n) {
-    std::vector<int> indices(static_cast<size_t>(n));
-    std::iota(indices.begin(), indices.end(), 0);
-    if (e.config.order == Order::kReverse) std::reverse(indices.begin(), indices.end());
-    if (e.config.order == Order::kRandom) {
-        for (int i = n - 1; i > 0; --i) std::swap(indices[i], indices[next_random(&e.random_state) % (i + 1)]);
+// The order of one round over the block's fibers: fixed, or a fresh permutation each round.
+const std::vector<int>& order(Emulator& e, int n) {
+    std::vector<int>& indices = e.round_order;
+    if (static_cast<int>(indices.size()) != n || e.config.order == Order::kRandom) {
+        indices.resize(static_cast<size_t>(n));
+        std::iota(indices.begin(), indices.end(), 0);
+        if (e.config.order == Order::kReverse) std::reverse(indices.begin(), indices.end());
+        if (e.config.order == Order::kRandom) {
+            for (int i = n - 1; i > 0; --i) std::swap(indices[i], indices[next_random(&e.random_state) % (i + 1)]);
+        }
     }
     return indices;
 }
@@ -467,9 +492,7 @@ void misuse(const std::string& message) {
     Fiber& f = running_fiber("misuse");
     record_misuse(e, where(e, f) + ": " + message);
     e.block.aborted = true;
-    f.state = State::kExited;
-    yield(e, true);
-    __builtin_unreachable();
+    throw Abandon{};
 }
 
 bool run_grid(const char* kernel, dim3 grid, dim3 block, size_t dynamic_shared, void (*body)(void*), void* argument,
@@ -497,6 +520,7 @@ bool run_grid(const char* kernel, dim3 grid, dim3 block, size_t dynamic_shared, 
     e.body = body;
     e.argument = argument;
     e.random_state = e.config.seed;
+    e.round_order.clear();  // the order may have changed since the last launch
     const uint64_t blocks = static_cast<uint64_t>(grid.x) * grid.y * grid.z;
     std::vector<uint64_t> block_order(blocks);
     std::iota(block_order.begin(), block_order.end(), 0);
@@ -566,11 +590,12 @@ uint64_t shuffle(unsigned mask, uint64_t value, ShuffleKind kind, int lane_argum
     const int warp = f.index / 32;
     const int lane = f.index % 32;
     const int lanes = std::min(32, b.size - warp * 32);
-    const std::string at = "shuffle at " + site(file, line) + " with mask " + hex(mask);
-    if (width < 1 || width > 32 || (width & (width - 1)) != 0) misuse(at + ": width " + std::to_string(width) + " is not a power of 2 <= 32");
-    if (!(mask >> lane & 1u)) misuse(at + ": the mask does not name the calling lane " + std::to_string(lane));
+    // Built only on the way to a report: this function runs a few hundred million times.
+    auto at = [&] { return "shuffle at " + site(file, line) + " with mask " + hex(mask); };
+    if (width < 1 || width > 32 || (width & (width - 1)) != 0) misuse(at() + ": width " + std::to_string(width) + " is not a power of 2 <= 32");
+    if (!(mask >> lane & 1u)) misuse(at() + ": the mask does not name the calling lane " + std::to_string(lane));
     if (lanes < 32 && (mask >> lanes) != 0) {
-        misuse(at + ": the mask names lanes absent from this warp (it has " + std::to_string(lanes) + " lanes)");
+        misuse(at() + ": the mask names lanes absent from this warp (it has " + std::to_string(lanes) + " lanes)");
     }
     const int base = lane & ~(width - 1);
     int source = lane;
@@ -581,18 +606,23 @@ uint64_t shuffle(unsigned mask, uint64_t value, ShuffleKind kind, int lane_argum
         case ShuffleKind::kUp: source = lane - lane_argument; break;
     }
     if (source < base || source >= base + width) source = lane;  // outside the segment: own value
+    if (!(mask >> source & 1u)) {
+        misuse(at() + ": lane " + std::to_string(lane) + " reads lane " + std::to_string(source) + ", which the mask leaves out");
+    }
+    int waiting_lanes = 1;  // this one
     for (int l = 0; l < lanes; ++l) {
         const Fiber& other = e.fibers[warp * 32 + l];
         if ((mask >> l & 1u) && other.state == State::kExited) {
-            misuse(at + ": the mask names lane " + std::to_string(l) + ", which has exited");
+            misuse(at() + ": the mask names lane " + std::to_string(l) + ", which has exited");
         }
-        if (other.state == State::kShuffle && (other.mask & mask) != 0 && other.mask != mask) {
-            misuse(at + ": lane " + std::to_string(l) + " waits in a shuffle at " + site(other.file, other.line) + " with mask " +
-                   hex(other.mask) + ": the lanes of one shuffle must pass the same mask");
+        if (other.state == State::kShuffle) {
+            if (other.mask == mask) {
+                ++waiting_lanes;
+            } else if ((other.mask & mask) != 0) {
+                misuse(at() + ": lane " + std::to_string(l) + " waits in a shuffle at " + site(other.file, other.line) + " with mask " +
+                       hex(other.mask) + ": the lanes of one shuffle must pass the same mask");
+            }
         }
-    }
-    if (!(mask >> source & 1u)) {
-        misuse(at + ": lane " + std::to_string(lane) + " reads lane " + std::to_string(source) + ", which the mask leaves out");
     }
     f.mask = mask;
     f.value = value;
@@ -600,11 +630,6 @@ uint64_t shuffle(unsigned mask, uint64_t value, ShuffleKind kind, int lane_argum
     f.file = file;
     f.line = line;
     f.state = State::kShuffle;
-    int waiting_lanes = 0;
-    for (int l = 0; l < lanes; ++l) {
-        const Fiber& other = e.fibers[warp * 32 + l];
-        if (other.state == State::kShuffle && other.mask == mask) ++waiting_lanes;
-    }
     if (waiting_lanes == __builtin_popcount(mask)) {
         for (int l = 0; l < lanes; ++l) {
             if (!(mask >> l & 1u)) continue;
