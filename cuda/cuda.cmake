@@ -26,3 +26,6 @@ set_target_properties(gspo4j PROPERTIES
   CUDA_ARCHITECTURES "${GSPO4J_CUDA_ARCHITECTURES}"
   CUDA_RUNTIME_LIBRARY Static
   CUDA_SEPARABLE_COMPILATION OFF)
+
+# What nvcc makes of the hot kernels (spills, stack, 128-bit accesses), checked in every build.
+include("${GSPO4J_ROOT}/cuda/ptx_check.cmake")
