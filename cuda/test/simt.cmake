@@ -3,7 +3,7 @@
 # with the CPU one. Included by cmake/CMakeLists.txt when GSPO4J_SIMT is ON (Maven turns it on);
 # nothing here is part of libgspo4j.so.
 #
-# Variants: plain (simt_suite, simt_selftest, and libgspo4j_simt.so for the Java tests), ASan +
+# Variants: plain (simt_suite, simt_selftest, and simt/libgspo4j.so for the Java tests), ASan +
 # UBSan (simt_suite_asan, simt_selftest_asan) and, with GSPO4J_SIMT_TSAN=ON, TSan.
 set(GSPO4J_SIMT_ASAN ON CACHE BOOL "Build the ASan+UBSan variant of the SIMT suite")
 set(GSPO4J_SIMT_TSAN OFF CACHE BOOL "Build the TSan variant of the SIMT suite (on demand: cmake --build . --target simt_suite_tsan)")
@@ -69,11 +69,15 @@ gspo4j_simt_variant(plain -O2 -g)
 add_custom_target(simt ALL DEPENDS simt_suite_plain simt_selftest_plain)
 
 # The emulated library for the Java tests: the C header's functions with GSPO4J_DEVICE_CUDA
-# served by the emulator (GSPO4J_SIMT_HOST_IS_DEVICE=1 lets it take host tensors).
+# served by the emulator (GSPO4J_SIMT_HOST_IS_DEVICE=1 lets it take host tensors). Named
+# libgspo4j.so (soname included), in its own folder: the JNI glue needs libgspo4j.so, and a
+# library already loaded under that soname satisfies it, so a JVM that loads this one first
+# (CudaEmulatorTest: JavaCPP's pathsFirst with java.library.path = this folder) runs the Java
+# layer on the emulator. Same exports as the real one (gspo4j.map).
 add_library(gspo4j_simt SHARED $<TARGET_OBJECTS:gspo4j_simt_plain> ${SIMT_ISA_OBJECTS_plain})
 target_link_libraries(gspo4j_simt PRIVATE Threads::Threads -Wl,--no-undefined "-Wl,--version-script=${CMAKE_CURRENT_SOURCE_DIR}/gspo4j.map")
 set_target_properties(gspo4j_simt PROPERTIES LIBRARY_OUTPUT_DIRECTORY "${CMAKE_CURRENT_BINARY_DIR}/simt"
-  OUTPUT_NAME gspo4j_simt)
+  OUTPUT_NAME gspo4j)
 add_dependencies(simt gspo4j_simt)
 
 if(GSPO4J_SIMT_ASAN)

@@ -87,7 +87,7 @@ final class PreparedInput implements AutoCloseable {
         requireShape(targets, tokenShape, "targets");
         // On a GPU the forward kernel checks every id as it reads the row (no host round trip);
         // PolicyLoss reports what it found before returning.
-        if (tokens > 0 && !logits.is_cuda()) {
+        if (tokens > 0 && !Tensors.isCuda(logits)) {
             final long min;
             final long max;
             // One pass over the ids (aminmax), not two.

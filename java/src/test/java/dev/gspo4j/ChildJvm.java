@@ -16,6 +16,12 @@ final class ChildJvm {
     private ChildJvm() {}
 
     static Map<String, Long> run(List<String> jvmOptions, Class<?> main, String... args) throws Exception {
+        return run(Map.of(), jvmOptions, main, args);
+    }
+
+    /** {@link #run(List, Class, String...)} with these variables added to the child's environment. */
+    static Map<String, Long> run(Map<String, String> environment, List<String> jvmOptions, Class<?> main, String... args)
+            throws Exception {
         final List<String> command = new ArrayList<>();
         command.add(Path.of(System.getProperty("java.home"), "bin", "java").toString());
         command.addAll(jvmOptions);
@@ -23,7 +29,9 @@ final class ChildJvm {
         command.add(System.getProperty("java.class.path"));
         command.add(main.getName());
         command.addAll(List.of(args));
-        final Process process = new ProcessBuilder(command).redirectErrorStream(true).start();
+        final ProcessBuilder builder = new ProcessBuilder(command).redirectErrorStream(true);
+        builder.environment().putAll(environment);
+        final Process process = builder.start();
         final Map<String, Long> values = new HashMap<>();
         final StringBuilder output = new StringBuilder();
         try (BufferedReader reader = new BufferedReader(new InputStreamReader(process.getInputStream(), StandardCharsets.UTF_8))) {

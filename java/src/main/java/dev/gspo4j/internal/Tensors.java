@@ -63,15 +63,46 @@ public final class Tensors {
         };
     }
 
+    /**
+     * Whether the kernels take {@code t} for CUDA memory: a CUDA tensor, or any CPU tensor while
+     * {@link #emulateCudaOnCpuTensors} is on (tests only).
+     */
+    public static boolean isCuda(Tensor t) {
+        return t.is_cuda() || (cpuTensorsAsCuda && t.is_cpu());
+    }
+
     public static Device device(Tensor t) {
-        return t.is_cuda() ? Device.CUDA : Device.CPU;
+        return isCuda(t) ? Device.CUDA : Device.CPU;
     }
 
     /**
      * The stream a kernel call on {@code t}'s device runs on: null on the CPU, libtorch's current
      * CUDA stream on a GPU (so the kernels order with the model's own work, no synchronisation).
+     * A CPU tensor sent to the emulated CUDA kernels has no stream either: null is the emulator's
+     * (synchronous) default stream.
      */
     public static Pointer stream(Tensor t) {
         return t.is_cuda() ? CudaStreams.current(t) : null;
+    }
+
+    // The CUDA emulator's test switch. CudaEmulatorTest loads the SIMT emulator's build of the
+    // native library (cuda/test/emulator) in place of libgspo4j.so, which runs GSPO4J_DEVICE_CUDA
+    // calls on host memory, and turns this on: CPU tensors then take every CUDA branch of the Java
+    // layer (device code, no id pre-check, gspo4j_cuda_check_error) while libtorch keeps them on
+    // the CPU. Package-private, and refused unless the emulator's own switch is in the
+    // environment: no production code path can reach it.
+    private static volatile boolean cpuTensorsAsCuda;
+
+    /**
+     * Tests only: sends CPU tensors to the kernels as CUDA memory. Needs the emulated library and
+     * {@code GSPO4J_SIMT_HOST_IS_DEVICE=1}; with the real one the CUDA entry points would reject
+     * host pointers.
+     */
+    static void emulateCudaOnCpuTensors(boolean on) {
+        if (on && !"1".equals(System.getenv("GSPO4J_SIMT_HOST_IS_DEVICE"))) {
+            throw new IllegalStateException("CPU tensors as CUDA memory need the SIMT emulator's library and "
+                    + "GSPO4J_SIMT_HOST_IS_DEVICE=1");
+        }
+        cpuTensorsAsCuda = on;
     }
 }
