@@ -18,14 +18,20 @@ foreach(unit runtime token_logprob policy_loss advantages)
   list(APPEND SIMT_UNITS "${wrapper}")
 endforeach()
 
-set(SIMT_SOURCES
+set(SIMT_COMMON_SOURCES
   "${GSPO4J_NATIVE}/src/api.cpp"
   "${GSPO4J_NATIVE}/src/parallel.cpp"
   "${GSPO4J_NATIVE}/src/token_logprob.cpp"
   "${GSPO4J_NATIVE}/src/policy_loss.cpp"
   "${GSPO4J_NATIVE}/src/advantages.cpp"
-  "${SIMT_DIR}/emulator/simt.cpp"
   ${SIMT_UNITS})
+
+# Under TSan the emulator itself is compiled uninstrumented (its scheduler state is shared by the
+# fibers without synchronisation TSan could see) and only announces fibers and barriers: a
+# separate unit, since source properties are per file.
+set(SIMT_EMULATOR_TSAN "${CMAKE_CURRENT_BINARY_DIR}/simt_units/simt_tsan.cpp")
+file(CONFIGURE OUTPUT "${SIMT_EMULATOR_TSAN}" CONTENT "#include \"${SIMT_DIR}/emulator/simt.cpp\"\n")
+set_source_files_properties("${SIMT_EMULATOR_TSAN}" PROPERTIES COMPILE_OPTIONS "-fno-sanitize=thread;-DSIMT_TSAN_ANNOTATIONS")
 
 # -ffp-contract=off: a product is rounded before it is added, as __fmul_rn promises and as the
 # CPU kernels are compiled; the emulator then shows what the .cu sources compute, not what a
@@ -35,6 +41,12 @@ set(SIMT_FLAGS -ffp-contract=off ${GSPO4J_WARNINGS} -Wno-unused-variable -Wno-un
 # One emulated copy of the library, as an object library, per variant.
 function(gspo4j_simt_variant variant)
   set(flags ${ARGN})
+  if(variant STREQUAL "tsan")
+    set(emulator "${SIMT_EMULATOR_TSAN}")
+  else()
+    set(emulator "${SIMT_DIR}/emulator/simt.cpp")
+  endif()
+  set(SIMT_SOURCES ${SIMT_COMMON_SOURCES} "${emulator}")
   set(isa_objects "")
   foreach(isa sse2 avx2 avx512)
     add_library(simt_rows_${isa}_${variant} OBJECT "${GSPO4J_NATIVE}/src/token_logprob_isa.cpp")
@@ -54,7 +66,7 @@ function(gspo4j_simt_variant variant)
   set(SIMT_ISA_OBJECTS_${variant} ${isa_objects} PARENT_SCOPE)
 
   add_executable(simt_suite_${variant} "${SIMT_DIR}/simt_suite.cpp" $<TARGET_OBJECTS:gspo4j_simt_${variant}> ${isa_objects})
-  add_executable(simt_selftest_${variant} "${SIMT_DIR}/simt_selftest.cpp" "${SIMT_DIR}/emulator/simt.cpp")
+  add_executable(simt_selftest_${variant} "${SIMT_DIR}/simt_selftest.cpp" "${emulator}")
   foreach(program simt_suite_${variant} simt_selftest_${variant})
     target_include_directories(${program} PRIVATE "${SIMT_DIR}/emulator/include" "${SIMT_DIR}/emulator"
       "${GSPO4J_NATIVE}/include" "${GSPO4J_NATIVE}/src" "${GSPO4J_ROOT}/cuda")

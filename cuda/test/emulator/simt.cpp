@@ -17,7 +17,10 @@
 #include <sanitizer/asan_interface.h>
 #define SIMT_ASAN 1
 #endif
-#if defined(__SANITIZE_THREAD__)
+// The TSan build compiles this file uninstrumented (the scheduler's own bookkeeping is shared by
+// fibers with no synchronisation TSan could see, and is not what is tested) but still tells TSan
+// about fibers and barriers: SIMT_TSAN_ANNOTATIONS, from cuda/test/simt.cmake.
+#if defined(__SANITIZE_THREAD__) || defined(SIMT_TSAN_ANNOTATIONS)
 #include <sanitizer/tsan_interface.h>
 #define SIMT_TSAN 1
 #endif
@@ -159,6 +162,7 @@ struct Emulator {
 #endif
 #ifdef SIMT_TSAN
     void* main_tsan_fiber = nullptr;
+    std::vector<void*> dead_shared;  // freed at the launch's end (release_shared)
 #endif
     std::vector<Fiber> fibers;  // stacks are kept from launch to launch
     std::vector<int> round_order;
@@ -170,7 +174,11 @@ struct Emulator {
     uint64_t random_state = 1;
     std::vector<std::string> misuses;
     Counters counters;
-    char launch_sync = 0;  // TSan: the host's writes before a launch, the kernel's before its end
+    // TSan: the host's writes before a launch reach its threads (launch_start), the threads' writes
+    // reach the host after it (launch_end). Two objects: one would order every block after the
+    // blocks that ran before it, and hide races between blocks.
+    char launch_start = 0;
+    char launch_end = 0;
 
     ~Emulator() {
         for (Fiber& f : fibers) {
@@ -225,6 +233,14 @@ void yield(Emulator& e, bool dying) {
 }
 
 void prepare_stack(Fiber& f) {
+#ifdef SIMT_TSAN
+    // A fresh mapping for every thread: TSan would take the last fiber's frames on a reused stack
+    // for memory shared between the two threads.
+    if (f.stack != nullptr) {
+        munmap(f.stack - kGuardBytes, kStackBytes + kGuardBytes);
+        f.stack = nullptr;
+    }
+#endif
     if (f.stack == nullptr) {
         void* memory = mmap(nullptr, kStackBytes + kGuardBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (memory == MAP_FAILED) {
@@ -363,7 +379,7 @@ void fiber_exit(Emulator& e, Fiber& f) {
     --b.live;
     if (b.exited++ == 0) b.first_exited = f.index;
 #ifdef SIMT_TSAN
-    __tsan_release(&e.launch_sync);
+    __tsan_release(&e.launch_end);
 #endif
     yield(e, true);
     __builtin_unreachable();
@@ -375,7 +391,7 @@ void fiber_main(Fiber* f) {
     __sanitizer_finish_switch_fiber(nullptr, &e.main_stack_bottom, &e.main_stack_size);
 #endif
 #ifdef SIMT_TSAN
-    __tsan_acquire(&e.launch_sync);
+    __tsan_acquire(&e.launch_start);
 #endif
     try {
         e.body(e.argument);
@@ -409,11 +425,25 @@ const std::vector<int>& order(Emulator& e, int n) {
     return indices;
 }
 
+// A block's shared arrays, once the block is done. Under TSan they are freed only at the launch's
+// end, after the scheduler has acquired what the kernel's threads released: freeing them earlier
+// would be a write racing with the threads' last accesses, as TSan sees it.
+void release_shared(Emulator& e, Block& b) {
+#ifdef SIMT_TSAN
+    for (SharedArray& a : b.shared) e.dead_shared.push_back(a.data);
+#else
+    (void)e;
+    for (SharedArray& a : b.shared) std::free(a.data);
+#endif
+    b.shared.clear();
+}
+
 // Runs one block until all its threads exit; false when one misused something or it deadlocked.
 bool run_block(Emulator& e, uint3 block_idx, dim3 grid, dim3 block_dim) {
     Block& b = e.block;
-    for (SharedArray& a : b.shared) std::free(a.data);
+    release_shared(e, b);
     b = Block();
+    b.shared.reserve(16);  // allocated here, not by a fiber (TSan would see the scheduler free it)
     b.size = static_cast<int>(block_dim.x * block_dim.y * block_dim.z);
     b.live = b.size;
     for (int i = 0; i < b.size; ++i) {
@@ -454,8 +484,7 @@ bool run_block(Emulator& e, uint3 block_idx, dim3 grid, dim3 block_dim) {
         e.fibers[i].tsan_fiber = nullptr;
     }
 #endif
-    for (SharedArray& a : b.shared) std::free(a.data);
-    b.shared.clear();
+    release_shared(e, b);
     return !b.aborted;
 }
 
@@ -514,7 +543,7 @@ bool run_grid(const char* kernel, dim3 grid, dim3 block, size_t dynamic_shared, 
     if (static_cast<int>(e.fibers.size()) < threads) e.fibers.resize(static_cast<size_t>(threads));
 #ifdef SIMT_TSAN
     if (e.main_tsan_fiber == nullptr) e.main_tsan_fiber = __tsan_get_current_fiber();
-    __tsan_release(&e.launch_sync);
+    __tsan_release(&e.launch_start);
 #endif
     e.kernel = kernel;
     e.body = body;
@@ -538,7 +567,9 @@ bool run_grid(const char* kernel, dim3 grid, dim3 block, size_t dynamic_shared, 
         }
     }
 #ifdef SIMT_TSAN
-    __tsan_acquire(&e.launch_sync);
+    __tsan_acquire(&e.launch_end);
+    for (void* data : e.dead_shared) std::free(data);
+    e.dead_shared.clear();
 #endif
     e.kernel = "";
     return ok;
