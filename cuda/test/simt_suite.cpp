@@ -352,7 +352,7 @@ struct Logits {
     }
 };
 
-enum class Fill { kNormal, kNegative, kDominant, kLarge, kNegInf, kNaN, kTiny };
+enum class Fill { kNormal, kNegative, kDominant, kLarge, kNegInf, kNaN, kTiny, kLowest };
 const char* fill_name(Fill f) {
     switch (f) {
         case Fill::kNormal: return "normal";
@@ -362,6 +362,7 @@ const char* fill_name(Fill f) {
         case Fill::kNegInf: return "-inf entries";
         case Fill::kNaN: return "NaN entry";
         case Fill::kTiny: return "constant";
+        case Fill::kLowest: return "masked with -FLT_MAX";
     }
     return "?";
 }
@@ -384,6 +385,7 @@ Logits make_logits(int dtype, int64_t batch, int64_t seq, int64_t vocab, int64_t
                 case Fill::kNegInf: x = normal(2.0f); break;
                 case Fill::kNaN: x = normal(2.0f); break;
                 case Fill::kTiny: x = 0.25f; break;
+                case Fill::kLowest: x = -std::numeric_limits<float>::max(); break;  // -Inf once narrowed to fp16
             }
             l.set(base + v, x);
         }
@@ -567,14 +569,17 @@ void token_logprob_section() {
     }
     // Extreme rows: all-negative, one dominant logit (p -> 1), +-1e4, -Inf entries and a NaN with
     // checking off, constant rows.
-    for (Fill fill : {Fill::kNegative, Fill::kDominant, Fill::kLarge, Fill::kNegInf, Fill::kNaN, Fill::kTiny}) {
+    // A whole row at the lowest float (how some samplers mask), whose max is -FLT_MAX itself.
+    for (Fill fill : {Fill::kNegative, Fill::kDominant, Fill::kLarge, Fill::kNegInf, Fill::kNaN, Fill::kTiny, Fill::kLowest}) {
         for (int64_t vocab : {int64_t{7}, int64_t{1000}, int64_t{32001}}) {
             for (int dtype : dtypes) {
                 ++turn;
-                const bool check = fill != Fill::kNegInf && fill != Fill::kNaN;
+                const bool check = fill != Fill::kNegInf && fill != Fill::kNaN && fill != Fill::kLowest;
                 LogitsCase c{dtype, 2, 2, vocab, turn % 2 ? "contiguous" : "odd", 0, fill, turn % 2 ? 1.0 : 0.7, check, true};
                 if (selected("forward " + describe(c))) forward_case(c);
-                if (fill != Fill::kNaN && fill != Fill::kNegInf && selected("backward " + describe(c))) backward_case(c, turn % 2 == 0);
+                if (fill != Fill::kNaN && fill != Fill::kNegInf && fill != Fill::kLowest && selected("backward " + describe(c))) {
+                    backward_case(c, turn % 2 == 0);
+                }
             }
         }
     }

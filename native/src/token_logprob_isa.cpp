@@ -110,7 +110,14 @@ void forward_row(const void* row_pointer, int64_t vocab, float inverse_temperatu
         vf lane_weighted = vf{};
         for (int64_t i = 0; i < padded; i += kLanes) {
             const vf shifted = simd::load_f32(block + i) - new_max;
-            const vf e = simd::exp(shifted);
+            vf e = simd::exp(shifted);
+            if (i + kLanes > count) {
+                // The padding lanes past the row's end count for nothing, also when the row's max is
+                // -FLT_MAX itself (a row masked with the lowest float), where e^(pad - max) is 1.
+                simd::vi lane;
+                for (int l = 0; l < kLanes; ++l) lane[l] = l;
+                e = lane < static_cast<int32_t>(count - i) ? e : vf{};
+            }
             lane_sum += e;
             lane_weighted += e * shifted;
         }

@@ -393,9 +393,13 @@ void fiber_main(Fiber* f) {
 #ifdef SIMT_TSAN
     __tsan_acquire(&e.launch_start);
 #endif
+    bool abandoned = false;
     try {
         e.body(e.argument);
     } catch (const Abandon&) {
+        abandoned = true;  // leave the handler before leaving the fiber, so the exception is freed
+    }
+    if (abandoned) {
         f->state = State::kExited;
         yield(e, true);
     }
@@ -636,7 +640,9 @@ uint64_t shuffle(unsigned mask, uint64_t value, ShuffleKind kind, int lane_argum
         case ShuffleKind::kDown: source = lane + lane_argument; break;
         case ShuffleKind::kUp: source = lane - lane_argument; break;
     }
-    if (source < base || source >= base + width) source = lane;  // outside the segment: own value
+    // Outside the segment: the caller's own value. As in PTX, a butterfly (xor) only checks the
+    // upper end; it may read an earlier segment.
+    if (source >= base + width || (kind != ShuffleKind::kXor && source < base)) source = lane;
     if (!(mask >> source & 1u)) {
         misuse(at() + ": lane " + std::to_string(lane) + " reads lane " + std::to_string(source) + ", which the mask leaves out");
     }
