@@ -112,15 +112,10 @@ set(unroll 4)
 # Known exceptions, one ARCH|LABEL PREFIX|MOST SPILL BYTES|MOST STACK BYTES each, every one with
 # its reason. A kernel over its allowance fails; an allowance that no kernel needs any more is
 # noted in the report, to be removed.
-set(allowances
-  # At sm_80 every backward instantiation sits at the 64-register cap of __launch_bounds__(kThreads,
-  # 1024 / kThreads) (65536 registers for 1024 threads per SM) and ptxas spills 4 to 8 bytes; which
-  # dtypes spill moves with unrelated edits (Float32 at e1c8e57, BFloat16 and Float16 once the
-  # x = z / tau products became __fmul_rn). What spills is state live across the whole column pass
-  # (thread 0's target_x, kept for the target's entry after it): without the element-by-element
-  # path for differently aligned gradients, or without target_x after the pass, nothing spills.
-  # sm_90 fits, and so do all forward kernels.
-  "sm_80|backward_kernel<|8|8")
+# None today. (The sm_80 backward spilled 4-8 bytes at the 64-register cap of
+# __launch_bounds__(kThreads, 1024 / kThreads) while thread 0 kept the target's x, y and lse
+# across the column pass; it now reads them again after it.)
+set(allowances)
 
 # The kernels of `group` that the check requires, as LABEL|MANGLED REGEX|ACCESSES, where ACCESSES
 # is what the PTX entry must hold: "", "load" or "load+store". Kernels are matched on their

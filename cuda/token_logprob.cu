@@ -382,11 +382,9 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads) backward_kernel(con
         const int64_t begin = split * g.split_width;
         const int64_t end = column_end(g, begin);
         const int64_t y = targets[row];
-        float target_x = 0.0f;  // thread 0's: it alone writes the target's entry
         if (threadIdx.x == 0 && y >= begin && y < end) {
             // Read before any thread overwrites it (in place: grad_logits == logits).
-            target_x = __fmul_rn(D::widen(row_pointer[y]), inverse_temperature);
-            if (g.splits > 1) target_x_out[row] = target_x;
+            target_x_out[row] = __fmul_rn(D::widen(row_pointer[y]), inverse_temperature);
         }
         __syncthreads();
         const double row_lse = lse[row];
@@ -403,8 +401,11 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads) backward_kernel(con
                 partial_others[row * g.splits + split] = others;
             } else {
                 // After the block reduction's barrier: every thread's write of this entry is done.
-                grad_row[y] = static_cast<typename D::storage>(D::narrow(static_cast<float>(
-                    target_gradient(target_x, row_lse, others, r, inverse_temperature_wide))));
+                // y, lse and the target's x are read again rather than kept across the column loop:
+                // at 64 registers (1024 threads per SM) keeping them spilled at sm_80.
+                const int64_t target = targets[row];
+                grad_logits[g.grad_offset(row) + target] = static_cast<typename D::storage>(D::narrow(static_cast<float>(
+                    target_gradient(target_x_out[row], lse[row], others, r, inverse_temperature_wide))));
             }
         }
     }
@@ -536,7 +537,7 @@ void backward_typed(cudaStream_t stream, const LogitsView& logits, const int64_t
     const double inverse_wide = 1.0 / temperature;
     const float inverse = static_cast<float>(inverse_wide);
     const size_t partial_count = p.splits > 1 ? static_cast<size_t>(g.rows) * p.splits : 0;
-    const size_t target_count = p.splits > 1 ? static_cast<size_t>(g.rows) : 0;
+    const size_t target_count = static_cast<size_t>(g.rows);
     Scratch scratch(partial_count * sizeof(double) + target_count * sizeof(float) + sizeof(int), stream);
     double* partial_others = scratch.as<double>();
     float* target_x = scratch.as<float>(partial_count * sizeof(double));
