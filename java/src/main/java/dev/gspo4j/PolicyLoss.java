@@ -120,10 +120,13 @@ public final class PolicyLoss {
             return this;
         }
 
-        /** Sampling temperature tau > 0: every log-prob is of softmax(z / tau). */
+        /**
+         * Sampling temperature tau in [1e-4, 1e4]: every log-prob is of softmax(z / tau). (1 / tau is
+         * a float32 factor on the logits: a tinier tau makes it infinite.)
+         */
         public Builder temperature(double tau) {
-            if (!(tau > 0) || Double.isInfinite(tau)) {
-                throw new IllegalArgumentException("temperature must be finite and > 0, got " + tau);
+            if (!(tau >= 1e-4 && tau <= 1e4)) {
+                throw new IllegalArgumentException("temperature must be in [1e-4, 1e4], got " + tau);
             }
             this.temperature = tau;
             return this;

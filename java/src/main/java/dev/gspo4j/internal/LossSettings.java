@@ -12,13 +12,13 @@ import dev.gspo4j.KlEstimator;
  * @param klEstimator the KL estimator, used when {@code klCoef != 0}
  * @param checkFinite whether NaN/Inf in a counted input is an error
  * @param epsLow lower clip: ratios below {@code 1 - epsLow} are clipped, in [0, 1)
- * @param epsHigh upper clip: ratios above {@code 1 + epsHigh} are clipped, >= 0
- * @param dualClip 0 (off) or c > 1: for A < 0 the objective is at least {@code c * A}
- * @param logRatioClamp R > 0: log-ratios are clamped to [-R, R] before exp
- * @param normalizer 0 (local count) or a global count replacing the denominator of the aggregation
- * @param lengthNorm Lnorm of SEQ_MEAN_TOKEN_SUM_NORM, 0 for the default
- * @param klCoef the KL coefficient beta
- * @param entropyCoef the entropy bonus coefficient
+ * @param epsHigh upper clip: ratios above {@code 1 + epsHigh} are clipped, in [0, 1e6]
+ * @param dualClip 0 (off) or c in (1, 1e6]: for A < 0 the objective is at least {@code c * A}
+ * @param logRatioClamp R in (0, 88]: log-ratios are clamped to [-R, R] before exp
+ * @param normalizer 0 (local count) or a global count in [1e-6, 1e18] replacing the denominator of the aggregation
+ * @param lengthNorm Lnorm of SEQ_MEAN_TOKEN_SUM_NORM, 0 for the default, else in [1e-6, 1e18]
+ * @param klCoef the KL coefficient beta, in [-1e6, 1e6]
+ * @param entropyCoef the entropy bonus coefficient, in [-1e6, 1e6]
  */
 public record LossSettings(
         RatioLevel ratioLevel,
@@ -41,23 +41,50 @@ public record LossSettings(
         if (!(epsLow >= 0 && epsLow < 1)) {
             throw new IllegalArgumentException("epsLow must be in [0, 1), got " + epsLow);
         }
-        if (!(epsHigh >= 0) || Double.isInfinite(epsHigh)) {
-            throw new IllegalArgumentException("epsHigh must be finite and >= 0, got " + epsHigh);
+        if (!(epsHigh >= 0 && epsHigh <= MAX_EPS_HIGH)) {
+            throw new IllegalArgumentException("epsHigh must be in [0, " + MAX_EPS_HIGH + "], got " + epsHigh);
         }
-        if (!(dualClip == 0 || (dualClip > 1 && Double.isFinite(dualClip)))) {
-            throw new IllegalArgumentException("dualClip must be 0 (off) or > 1, got " + dualClip);
+        if (!(dualClip == 0 || (dualClip > 1 && dualClip <= MAX_DUAL_CLIP))) {
+            throw new IllegalArgumentException("dualClip must be 0 (off) or in (1, " + MAX_DUAL_CLIP + "], got " + dualClip);
         }
-        if (!(logRatioClamp > 0) || Double.isInfinite(logRatioClamp)) {
-            throw new IllegalArgumentException("logRatioClamp must be finite and > 0, got " + logRatioClamp);
+        if (!(logRatioClamp > 0 && logRatioClamp <= MAX_LOG_RATIO_CLAMP)) {
+            throw new IllegalArgumentException("logRatioClamp must be in (0, " + MAX_LOG_RATIO_CLAMP + "] (exp(" + MAX_LOG_RATIO_CLAMP
+                    + ") = 1.65e38 is about the largest ratio float32 holds), got " + logRatioClamp);
         }
-        if (!(normalizer >= 0) || Double.isInfinite(normalizer)) {
-            throw new IllegalArgumentException("normalizer must be finite and >= 0 (0: local count), got " + normalizer);
+        requireCount(normalizer, "normalizer", "0: the local count");
+        requireCount(lengthNorm, "lengthNorm", "0: the default");
+        requireCoefficient(klCoef, "klCoef");
+        requireCoefficient(entropyCoef, "entropyCoef");
+    }
+
+    /** The largest epsHigh: 1 + epsHigh stays an ordinary number (a clip of 1e6 is no clip). */
+    public static final double MAX_EPS_HIGH = 1e6;
+    /** The largest dual clip c. */
+    public static final double MAX_DUAL_CLIP = 1e6;
+    /** The largest log-ratio clamp R: exp(R) fits float32. */
+    public static final double MAX_LOG_RATIO_CLAMP = 88;
+    /**
+     * The range of an explicit normaliser or length norm. The loss divides by it: a subnormal or
+     * tiny one makes 1/x infinite (and Inf * 0 = NaN); a count is at least 1, a per-rank share of
+     * one well above 1e-6.
+     */
+    public static final double MIN_COUNT = 1e-6;
+    public static final double MAX_COUNT = 1e18;
+    /** The largest coefficient magnitude (KL, entropy): beyond it the loss loses its own terms. */
+    public static final double MAX_COEFFICIENT = 1e6;
+
+    private static void requireCount(double value, String name, String zeroMeans) {
+        if (!(value == 0 || (value >= MIN_COUNT && value <= MAX_COUNT))) {
+            throw new IllegalArgumentException(name + " must be 0 (" + zeroMeans + ") or in [" + MIN_COUNT + ", " + MAX_COUNT
+                    + "], got " + value);
         }
-        if (!(lengthNorm >= 0) || Double.isInfinite(lengthNorm)) {
-            throw new IllegalArgumentException("lengthNorm must be finite and >= 0 (0: default), got " + lengthNorm);
+    }
+
+    private static void requireCoefficient(double value, String name) {
+        if (!(Math.abs(value) <= MAX_COEFFICIENT)) {
+            throw new IllegalArgumentException(name + " must be finite and in [-" + MAX_COEFFICIENT + ", " + MAX_COEFFICIENT
+                    + "], got " + value);
         }
-        Checks.finite(klCoef, "klCoef");
-        Checks.finite(entropyCoef, "entropyCoef");
     }
 
     /** GSPO as in the paper: sequence ratio, eps 3e-4 / 4e-4, R = 20, no KL, no entropy term. */
