@@ -5,8 +5,8 @@ import dev.gspo4j.internal.Kernels;
 import dev.gspo4j.internal.TokenLayout;
 import dev.gspo4j.internal.Tensors;
 import java.util.Arrays;
-import org.bytedeco.javacpp.Pointer;
 import org.bytedeco.javacpp.FloatPointer;
+import org.bytedeco.javacpp.Pointer;
 import org.bytedeco.pytorch.Tensor;
 import org.bytedeco.pytorch.global.torch;
 import org.bytedeco.pytorch.global.torch.ScalarType;
@@ -14,7 +14,12 @@ import org.bytedeco.pytorch.global.torch.ScalarType;
 /**
  * Advantages from rewards (SPEC.md "Advantages", "PPO advantages"), by gspo4j's kernels. Inputs are
  * not modified; results are new float32 tensors on the rewards' device (or new arrays), owned by
- * the caller. Stateless and thread-safe.
+ * the caller. Every intermediate is released before a method returns or throws. Stateless and
+ * thread-safe.
+ *
+ * <p>Means are taken in float64, so they cannot overflow, but the advantages are float32: MEAN's
+ * {@code r - mean} and RLOO's {@code r - mean of the others} of rewards beyond about 1.7e38 in
+ * magnitude may not fit, and such a call is an {@link IllegalArgumentException}, not an Inf.
  */
 public final class Advantages {
     /** SPEC.md's default eps of MEAN_STD. */
@@ -36,9 +41,7 @@ public final class Advantages {
 
     /** Group-relative advantages where {@code groupIds [B]} (integer) names each response's group. */
     public static Tensor groupByIds(Tensor rewards, Tensor groupIds, AdvantageMode mode, double eps) {
-        if (groupIds == null) {
-            throw new IllegalArgumentException("groupIds must not be null");
-        }
+        TensorArgs.requireOpen(groupIds, "groupIds");
         return compute(rewards, 0, groupIds, mode, eps);
     }
 
@@ -47,34 +50,61 @@ public final class Advantages {
         if (rewards == null) {
             throw new IllegalArgumentException("rewards must not be null");
         }
+        requireMode(mode);
+        final DataErrors errors = new DataErrors(0, "").name("rewards", "rewards", null, DataErrors.Axis.FLAT);
         try (FloatPointer in = new FloatPointer(rewards); FloatPointer out = new FloatPointer(Math.max(1, rewards.length))) {
             out.limit(rewards.length);
-            PreparedInput.translate(() -> Kernels.groupAdvantages(Device.CPU, null, rewards.length, in, groupSize, null, mode,
+            errors.run(() -> Kernels.groupAdvantages(Device.CPU, null, rewards.length, in, groupSize, null, mode,
                     DEFAULT_EPS, true, out));
             final float[] result = new float[rewards.length];
             out.get(result);
+            for (int i = 0; i < result.length; i++) {
+                if (!Float.isFinite(result[i])) {
+                    throw new IllegalArgumentException(overflowMessage(mode, "rewards[" + i + "] = " + rewards[i]));
+                }
+            }
             return result;
         }
     }
 
-    private static Tensor compute(Tensor rewards, long groupSize, Tensor groupIds, AdvantageMode mode, double eps) {
-        if (rewards == null) {
-            throw new IllegalArgumentException("rewards must not be null");
+    private static void requireMode(AdvantageMode mode) {
+        if (mode == null) {
+            throw new IllegalArgumentException("mode must not be null (MEAN_STD, MEAN or RLOO)");
         }
+    }
+
+    private static String overflowMessage(AdvantageMode mode, String where) {
+        return mode + " advantages overflow float32 at " + where + ": the reward minus its group's mean exceeds 3.4e38; "
+                + "rewards within +-1.7e38 cannot overflow, so scale the rewards down";
+    }
+
+    private static Tensor compute(Tensor rewards, long groupSize, Tensor groupIds, AdvantageMode mode, double eps) {
+        TensorArgs.requireReadable(rewards, "rewards");
+        requireMode(mode);
         if (rewards.dim() != 1 || !torch.isFloatingType(rewards.scalar_type())) {
             throw new IllegalArgumentException("rewards must be a floating-point [B] tensor, got " + PreparedInput.typeName(rewards)
                     + " of shape " + PreparedInput.shapeOf(rewards));
         }
         final long count = rewards.size(0);
-        try (Tensor r = rewards.to(ScalarType.Float); Tensor rc = r.contiguous();
-                Tensor ids = groupIds == null ? null : idsCopy(groupIds, count, rewards)) {
+        try (Tensor rc = floatCopy(rewards); Tensor ids = groupIds == null ? null : idsCopy(groupIds, count, rewards)) {
+            final DataErrors errors = new DataErrors(0, "").name("rewards", "rewards", rc, DataErrors.Axis.FLAT);
             final Tensor out = Tensors.empty(new long[] {count}, ScalarType.Float, rewards);
             try {
                 final Device device = Tensors.device(rewards);
                 final Pointer stream = Tensors.stream(rewards);
-                PreparedInput.translate(() -> Kernels.groupAdvantages(device, stream, count, Tensors.floats(rc),
+                errors.run(() -> Kernels.groupAdvantages(device, stream, count, Tensors.floats(rc),
                         groupSize, Tensors.longs(ids), mode, eps, true, Tensors.floats(out)));
-                PreparedInput.translate(() -> Kernels.reportDataErrors(device, stream));
+                errors.run(() -> Kernels.reportDataErrors(device, stream));
+                if (mode != AdvantageMode.MEAN_STD && count > 0) {
+                    // The rewards were checked finite, so a non-finite advantage is a float32
+                    // overflow of r - mean. (On a GPU this reads one flag after the wait above.)
+                    try (Tensor finite = torch.isfinite(out); Tensor all = finite.all()) {
+                        if (!all.item_bool()) {
+                            throw new IllegalArgumentException(overflowMessage(mode, "a reward of magnitude up to "
+                                    + maxAbs(rc)));
+                        }
+                    }
+                }
             } catch (RuntimeException e) {
                 out.close();
                 throw e;
@@ -83,16 +113,38 @@ public final class Advantages {
         }
     }
 
+    private static double maxAbs(Tensor t) {
+        try (Tensor abs = t.abs(); Tensor max = abs.amax()) {
+            return max.item_double();
+        }
+    }
+
+    // A float32 contiguous copy (or a new reference, when it already is one) with the negative
+    // bit resolved; the caller closes it.
+    private static Tensor floatCopy(Tensor t) {
+        try (Tensor resolved = TensorArgs.resolved(t); Tensor typed = resolved.to(ScalarType.Float)) {
+            return typed.contiguous();
+        }
+    }
+
     private static Tensor idsCopy(Tensor groupIds, long count, Tensor rewards) {
+        TensorArgs.requireReadable(groupIds, "groupIds");
         if (!Arrays.equals(Tensors.shape(groupIds), new long[] {count}) || !torch.isIntegralType(groupIds.scalar_type(), false)) {
             throw new IllegalArgumentException("groupIds must be an integer [" + count + "] tensor, got "
                     + PreparedInput.typeName(groupIds) + " of shape " + PreparedInput.shapeOf(groupIds));
         }
-        if (!groupIds.device().equals(rewards.device())) {
-            throw new IllegalArgumentException("groupIds must be on the rewards' device");
-        }
-        try (Tensor l = groupIds.to(ScalarType.Long)) {
+        requireSameDevice(groupIds, "groupIds", rewards);
+        try (Tensor resolved = TensorArgs.resolved(groupIds); Tensor l = resolved.to(ScalarType.Long)) {
             return l.contiguous();
+        }
+    }
+
+    private static void requireSameDevice(Tensor t, String name, Tensor rewards) {
+        try (org.bytedeco.pytorch.Device device = t.device(); org.bytedeco.pytorch.Device rewardsDevice = rewards.device()) {
+            if (!device.equals(rewardsDevice)) {
+                throw new IllegalArgumentException(name + " must be on the rewards' device (" + PreparedInput.deviceName(rewards)
+                        + "), got " + PreparedInput.deviceName(t) + "; " + name + ".to(rewards.device()) moves it");
+            }
         }
     }
 
@@ -109,37 +161,48 @@ public final class Advantages {
      * Generalised advantage estimation over padded per-token rewards and values {@code [B, T]};
      * masked tokens are skipped (advantage and return 0).
      *
-     * @param mask {@code [B, T]} 0/1, or null
+     * @param mask {@code [B, T]} of 0/1 (bool, integer or floating; any other value, NaN included,
+     *     is an error, as for the loss's mask), or null
      */
     public static Gae gae(Tensor rewards, Tensor values, Tensor mask, double gamma, double lambda) {
-        if (rewards == null || values == null) {
-            throw new IllegalArgumentException("rewards and values must not be null");
+        TensorArgs.requireReadable(rewards, "rewards");
+        TensorArgs.requireReadable(values, "values");
+        if (mask != null) {
+            TensorArgs.requireReadable(mask, "mask");
         }
         if (rewards.dim() != 2) {
             throw new IllegalArgumentException("rewards must be [B, T], got shape " + PreparedInput.shapeOf(rewards));
         }
         final long[] shape = Tensors.shape(rewards);
         for (Tensor t : new Tensor[] {values, mask}) {
-            if (t != null && !Arrays.equals(Tensors.shape(t), shape)) {
-                throw new IllegalArgumentException("values and mask must have the rewards' shape " + Arrays.toString(shape)
-                        + ", got " + PreparedInput.shapeOf(t));
+            if (t == null) {
+                continue;
             }
-            if (t != null && !t.device().equals(rewards.device())) {
-                throw new IllegalArgumentException("values and mask must be on the rewards' device ("
-                        + PreparedInput.deviceName(rewards) + "), got " + PreparedInput.deviceName(t));
+            final String name = t == values ? "values" : "mask";
+            if (!Arrays.equals(Tensors.shape(t), shape)) {
+                throw new IllegalArgumentException(name + " must have the rewards' shape " + Arrays.toString(shape) + ", got "
+                        + PreparedInput.shapeOf(t));
+            }
+            requireSameDevice(t, name, rewards);
+        }
+        for (Tensor t : new Tensor[] {rewards, values}) {
+            if (!torch.isFloatingType(t.scalar_type())) {
+                throw new IllegalArgumentException((t == rewards ? "rewards" : "values") + " must be a floating-point tensor, got "
+                        + PreparedInput.typeName(t));
             }
         }
-        try (Tensor r = rewards.to(ScalarType.Float).contiguous(); Tensor v = values.to(ScalarType.Float).contiguous();
-                Tensor m = mask == null ? null : mask.ne(new org.bytedeco.pytorch.Scalar(0)).contiguous()) {
+        try (Tensor r = floatCopy(rewards); Tensor v = floatCopy(values); Tensor m = mask == null ? null : PreparedInput.validMask(mask, "mask")) {
+            final DataErrors errors = new DataErrors(shape[1], " (a counted position: mask it out or fix the value)")
+                    .name("rewards", "rewards", r, DataErrors.Axis.TOKENS).name("values", "values", v, DataErrors.Axis.TOKENS);
             final Tensor advantages = Tensors.empty(shape, ScalarType.Float, rewards);
             final Tensor returns = Tensors.empty(shape, ScalarType.Float, rewards);
             try {
                 final Device device = Tensors.device(rewards);
                 final Pointer stream = Tensors.stream(rewards);
-                PreparedInput.translate(() -> Kernels.gae(device, stream, TokenLayout.padded(shape[0], shape[1]),
+                errors.run(() -> Kernels.gae(device, stream, TokenLayout.padded(shape[0], shape[1]),
                         Tensors.floats(r), Tensors.floats(v), Tensors.bytes(m), gamma, lambda, true, Tensors.floats(advantages),
                         Tensors.floats(returns)));
-                PreparedInput.translate(() -> Kernels.reportDataErrors(device, stream));
+                errors.run(() -> Kernels.reportDataErrors(device, stream));
             } catch (RuntimeException e) {
                 advantages.close();
                 returns.close();

@@ -1,6 +1,5 @@
 package dev.gspo4j;
 
-import java.util.Objects;
 import org.bytedeco.pytorch.Tensor;
 
 /**
@@ -25,6 +24,7 @@ public final class LossInput {
     final Tensor advantages;
     final boolean tokenAdvantages;
     final Tensor offsets;
+    final Long ignoreIndex; // null: off
 
     private LossInput(Builder b) {
         this.logits = b.logits;
@@ -35,6 +35,7 @@ public final class LossInput {
         this.advantages = b.advantages;
         this.tokenAdvantages = b.tokenAdvantages;
         this.offsets = b.offsets;
+        this.ignoreIndex = b.ignoreIndex;
     }
 
     public static Builder builder() {
@@ -51,57 +52,93 @@ public final class LossInput {
         private Tensor advantages;
         private boolean tokenAdvantages;
         private Tensor offsets;
+        private Long ignoreIndex;
 
         private Builder() {}
 
         /** {@code [B, T, V]} or packed {@code [N, V]}; float32, bfloat16 or float16; last dimension contiguous. */
         public Builder logits(Tensor logits) {
-            this.logits = Objects.requireNonNull(logits, "logits");
+            TensorArgs.requireOpen(logits, "logits");
+            this.logits = logits;
             return this;
         }
 
-        /** Token ids {@code [B, T]} or {@code [N]}, int64 or int32, each in [0, V). */
+        /**
+         * Token ids {@code [B, T]} or {@code [N]}, int64 or int32, each in [0, V). Ids are checked at masked
+         * positions too (the kernels read every row); labels such as Hugging Face's {@code -100} need
+         * {@link #ignoreIndex}.
+         */
         public Builder targets(Tensor targets) {
-            this.targets = Objects.requireNonNull(targets, "targets");
+            TensorArgs.requireOpen(targets, "targets");
+            this.targets = targets;
             return this;
         }
 
-        /** Response mask {@code [B, T]} or {@code [N]} of 0/1 (bool, integer or floating); absent: every token counts. */
+        /**
+         * Response mask {@code [B, T]} or {@code [N]} of 0/1 (bool, integer or floating; any other value, NaN
+         * included, is an error); absent: every token counts. See {@link #ignoreIndex} for labels that mark
+         * ignored positions.
+         */
         public Builder mask(Tensor mask) {
+            optionalOpen(mask, "mask");
             this.mask = mask;
             return this;
         }
 
         /** Old-policy log-probs {@code [B, T]} or {@code [N]}; absent: on-policy (ratio 1, gradient flowing). */
         public Builder oldLogProbs(Tensor oldLogProbs) {
+            optionalOpen(oldLogProbs, "oldLogProbs");
             this.oldLogProbs = oldLogProbs;
             return this;
         }
 
         /** Reference-policy log-probs for the KL term, {@code [B, T]} or {@code [N]}. */
         public Builder refLogProbs(Tensor refLogProbs) {
+            optionalOpen(refLogProbs, "refLogProbs");
             this.refLogProbs = refLogProbs;
             return this;
         }
 
         /** One advantage per response, {@code [B]}. */
         public Builder advantages(Tensor advantages) {
-            this.advantages = Objects.requireNonNull(advantages, "advantages");
+            TensorArgs.requireOpen(advantages, "advantages");
+            this.advantages = advantages;
             this.tokenAdvantages = false;
             return this;
         }
 
         /** One advantage per token, {@code [B, T]} or {@code [N]} (GRPO, PPO, GSPO-token). */
         public Builder tokenAdvantages(Tensor advantages) {
-            this.advantages = Objects.requireNonNull(advantages, "advantages");
+            TensorArgs.requireOpen(advantages, "advantages");
+            this.advantages = advantages;
             this.tokenAdvantages = true;
             return this;
         }
 
         /** Packed layout: {@code [B + 1]} non-decreasing token offsets from 0 to N. */
         public Builder offsets(Tensor offsets) {
+            optionalOpen(offsets, "offsets");
             this.offsets = offsets;
             return this;
+        }
+
+        /**
+         * Treats every position whose target equals {@code index} as masked (Hugging Face's {@code -100}
+         * labels): its target is read as 0 in gspo4j's own copy of the ids (the caller's tensor is not
+         * modified), so the kernels never index outside a row, and the mask becomes {@code mask AND
+         * (targets != index)}, or just {@code targets != index} without a mask. Such positions count
+         * for nothing: no loss, no gradient, not in the token or response counts. Default: off,
+         * where every id, masked or not, must be in [0, V). Costs two O(N) passes and an O(N) copy.
+         */
+        public Builder ignoreIndex(long index) {
+            this.ignoreIndex = index;
+            return this;
+        }
+
+        private static void optionalOpen(Tensor t, String name) {
+            if (t != null) {
+                TensorArgs.requireOpen(t, name);
+            }
         }
 
         public LossInput build() {

@@ -7,22 +7,46 @@ import org.bytedeco.pytorch.Tensor;
  * SPEC.md's metrics of one loss call. They stay in a float32 tensor on the logits' device until a
  * number is asked for: reading one copies the whole set once (a device sync on a GPU).
  * Clip fractions and ratio statistics are per response for GSPO and per counted token for
- * GSPO-token, GRPO and PPO. Belongs to its {@link LossResult}: not thread-safe.
+ * GSPO-token, GRPO and PPO. The counts ({@link #sequences()}, {@link #tokens()}) are exact int64
+ * values, counted apart from the float32 set (whose float32 slots for them lose integers past
+ * 2^24). Belongs to its {@link LossResult}, and is closed with it: not thread-safe.
  */
 public final class LossMetrics implements AutoCloseable {
     private final Tensor values;
+    // Exact counts: 0-dim int64 tensors on the logits' device, or null where the count was known
+    // on the host (then in knownSequences / knownTokens).
+    private final Tensor sequenceCount;
+    private final Tensor tokenCount;
+    private final long knownSequences;
+    private final long knownTokens;
     private float[] host;
+    private long sequences = -1;
+    private long tokens = -1;
+    private boolean closed;
 
-    LossMetrics(Tensor values) {
+    LossMetrics(Tensor values, Tensor sequenceCount, long knownSequences, Tensor tokenCount, long knownTokens) {
         this.values = values;
+        this.sequenceCount = sequenceCount;
+        this.knownSequences = knownSequences;
+        this.tokenCount = tokenCount;
+        this.knownTokens = knownTokens;
     }
 
     /** The metrics as a float32 tensor {@code [13]} in {@link Metric} order, without a sync. */
     public Tensor tensor() {
+        ensureOpen();
         return values;
     }
 
+    private void ensureOpen() {
+        if (closed) {
+            throw new IllegalStateException("these metrics belong to a closed LossResult: read them (or clone tensor()) "
+                    + "before closing it");
+        }
+    }
+
     private float get(Metric metric) {
+        ensureOpen();
         if (host == null) {
             try (Tensor cpu = values.cpu(); Tensor contiguous = cpu.contiguous()) {
                 final float[] copy = new float[Metric.COUNT];
@@ -52,18 +76,44 @@ public final class LossMetrics implements AutoCloseable {
     public float approxKl() { return get(Metric.APPROX_KL); }
     /** Token mean of the entropy. */
     public float entropyMean() { return get(Metric.ENTROPY_MEAN); }
-    /** Responses with at least one counted token. */
-    public int sequences() { return Math.round(get(Metric.SEQUENCES)); }
-    /** Counted tokens. */
-    public int tokens() { return Math.round(get(Metric.TOKENS)); }
 
+    /** Responses with at least one counted token (exact). */
+    public long sequences() {
+        ensureOpen();
+        if (sequences < 0) {
+            sequences = sequenceCount == null ? knownSequences : sequenceCount.item_long();
+        }
+        return sequences;
+    }
+
+    /** Counted tokens (exact). */
+    public long tokens() {
+        ensureOpen();
+        if (tokens < 0) {
+            tokens = tokenCount == null ? knownTokens : tokenCount.item_long();
+        }
+        return tokens;
+    }
+
+    /** Releases the metrics' tensors; idempotent. Reading a metric afterwards is an IllegalStateException. */
     @Override
     public void close() {
-        values.close();
+        if (closed) {
+            return;
+        }
+        closed = true;
+        for (Tensor t : new Tensor[] {values, sequenceCount, tokenCount}) {
+            if (t != null) {
+                t.close();
+            }
+        }
     }
 
     @Override
     public String toString() {
+        if (closed) {
+            return "LossMetrics(closed)";
+        }
         return String.format("loss_pi=%.6g kl=%.6g H=%.6g clip_low=%.4f clip_high=%.4f dual=%.4f ratio=%.6g [%.6g, %.6g] "
                 + "approx_kl=%.6g sequences=%d tokens=%d", policyLoss(), kl(), entropyMean(), clipFractionLow(),
                 clipFractionHigh(), dualClipFraction(), ratioMean(), ratioMin(), ratioMax(), approxKl(), sequences(), tokens());

@@ -164,7 +164,7 @@ public final class PolicyLoss {
         if (input == null) {
             throw new IllegalArgumentException("input must not be null");
         }
-        try (PreparedInput in = PreparedInput.of(input, settings)) {
+        try (PreparedInput in = PreparedInput.of(input, settings, temperature)) {
             final Tensor logits = input.logits;
             final Device device = Tensors.device(logits);
             final Pointer stream = Tensors.stream(logits);
@@ -177,21 +177,26 @@ public final class PolicyLoss {
             final Tensor gradEntropy = settings.entropyCoef() != 0 ? Tensors.empty(tokenShape, ScalarType.Float, logits) : null;
             final Tensor metrics = Tensors.empty(new long[] {Metric.COUNT}, ScalarType.Float, logits);
             FusedLogProbs fused = null;
+            LossMetrics lossMetrics = null;
             try {
-                PreparedInput.translate(() -> Kernels.tokenLogProbForward(device, stream, in.view, Tensors.longs(in.targets),
+                in.translate(() -> Kernels.tokenLogProbForward(device, stream, in.view, Tensors.longs(in.targets),
                         temperature, settings.checkFinite(), Tensors.floats(logProbs), Tensors.doubles(lse),
                         Tensors.floats(entropy)));
-                PreparedInput.translate(() -> Kernels.policyLoss(device, stream, settings, in.layout, Tensors.floats(logProbs),
+                in.translate(() -> Kernels.policyLoss(device, stream, settings, in.layout, Tensors.floats(logProbs),
                         Tensors.floats(in.oldLogProbs), Tensors.bytes(in.mask), Tensors.floats(in.advantages),
                         in.tokenAdvantages, Tensors.floats(in.refLogProbs), Tensors.floats(entropy), Tensors.floats(value),
                         Tensors.floats(gradLogprob), Tensors.floats(gradEntropy), Tensors.floats(metrics)));
                 // On a GPU the kernels check the data as they run (token ids, NaN/Inf): one wait
                 // here turns what they found into the exception the CPU path throws.
-                PreparedInput.translate(() -> Kernels.reportDataErrors(device, stream));
+                in.translate(() -> Kernels.reportDataErrors(device, stream));
+                lossMetrics = in.metrics(metrics);
                 if (GradMode.is_enabled() && logits.requires_grad()) {
                     fused = new FusedLogProbs(logits, in.view, in.targets, temperature, lse, entropy, gradLogprob, gradEntropy);
                 }
             } catch (RuntimeException e) {
+                if (lossMetrics != null) {
+                    lossMetrics.close();
+                }
                 for (Tensor t : new Tensor[] {logProbs, entropy, value, metrics}) {
                     t.close();
                 }
@@ -203,7 +208,7 @@ public final class PolicyLoss {
                     gradEntropy.close();
                 }
             }
-            return new LossResult(value, logProbs, entropy, new LossMetrics(metrics), fused);
+            return new LossResult(value, logProbs, entropy, lossMetrics, fused);
         }
     }
 

@@ -249,7 +249,7 @@ public final class CudaEmulatorProbe {
     }
 
     /** What one path computed: the forward's values and the gradients of the three backward paths. */
-    private record Outcome(Tensor loss, Tensor logProbs, Tensor entropy, Tensor metrics, int sequences, int tokens,
+    private record Outcome(Tensor loss, Tensor logProbs, Tensor entropy, Tensor metrics, long sequences, long tokens,
             Tensor gradientDirect, Tensor gradientGraph, Tensor gradientScaled) implements AutoCloseable {
         @Override
         public void close() {
@@ -365,7 +365,7 @@ public final class CudaEmulatorProbe {
                     final LossInput in = LossInput.builder().logits(logits).targets(targets).mask(padded.mask).oldLogProbs(padded.old)
                             .refLogProbs(padded.ref).advantages(padded.advantages).build();
                     final IllegalArgumentException cpu = badOnBoth("target id " + bad, () -> grpo.compute(in).close(),
-                            "targets[7]");
+                            "targets[2, 1] = " + bad);
                     assertTrue(cpu.getMessage().contains("targets must be token ids in [0, " + batch.v + ")"), cpu.getMessage());
                 }
             }
@@ -374,7 +374,7 @@ public final class CudaEmulatorProbe {
                 poisoned.data_ptr_float().put(17, Float.NaN);
                 final LossInput in = LossInput.builder().logits(poisoned).targets(padded.targets).mask(padded.mask)
                         .oldLogProbs(padded.old).refLogProbs(padded.ref).advantages(padded.advantages).build();
-                badOnBoth("NaN logits", () -> grpo.compute(in).close(), "logits row 0 ");
+                badOnBoth("NaN logits", () -> grpo.compute(in).close(), "logits[0, ");
                 // With checking off NaN flows into the loss on both paths, with no exception.
                 final PolicyLoss unchecked = PolicyLoss.grpo().checkFinite(false).build();
                 for (boolean cuda : new boolean[] {false, true}) {
@@ -387,14 +387,14 @@ public final class CudaEmulatorProbe {
             try (Tensor old = padded.old.clone(); Tensor ref = padded.ref.clone(); Tensor advantages = padded.advantages.clone()) {
                 old.data_ptr_float().put(0, Float.POSITIVE_INFINITY);
                 badOnBoth("Inf old log-prob", () -> grpo.compute(LossInput.builder().logits(logits).targets(padded.targets).mask(padded.mask)
-                        .oldLogProbs(old).refLogProbs(padded.ref).advantages(padded.advantages).build()).close(), "old_logprob[0]");
+                        .oldLogProbs(old).refLogProbs(padded.ref).advantages(padded.advantages).build()).close(), "oldLogProbs[0, 0] = Infinity");
                 ref.data_ptr_float().put(0, Float.NaN);
                 badOnBoth("NaN reference log-prob", () -> grpo.compute(LossInput.builder().logits(logits).targets(padded.targets)
                         .mask(padded.mask).oldLogProbs(padded.old).refLogProbs(ref).advantages(padded.advantages).build()).close(),
-                        "ref_logprob[0]");
+                        "refLogProbs[0, 0] = NaN");
                 advantages.data_ptr_float().put(2, Float.NaN);
                 badOnBoth("NaN advantage", () -> grpo.compute(LossInput.builder().logits(logits).targets(padded.targets).mask(padded.mask)
-                        .oldLogProbs(padded.old).refLogProbs(padded.ref).advantages(advantages).build()).close(), "advantages[2]");
+                        .oldLogProbs(padded.old).refLogProbs(padded.ref).advantages(advantages).build()).close(), "advantages[2] = NaN");
             }
         }
         // Packed offsets that decrease, and offsets that do not end at N.
@@ -404,17 +404,17 @@ public final class CudaEmulatorProbe {
                 try (Tensor offsets = Tensor.create(offsetValues)) {
                     final LossInput in = LossInput.builder().logits(logits).targets(targets).offsets(offsets).advantages(advantages).build();
                     badOnBoth("offsets " + Arrays.toString(offsetValues), () -> PolicyLoss.grpo().build().compute(in).close(),
-                            offsetValues[3] == 6 ? "offsets[2]" : "offsets");
+                            offsetValues[3] == 6 ? "offsets[2] = 3 breaks" : "offsets[3] = 5 breaks");
                 }
             }
         }
         // Advantages: NaN reward, NaN value, an RLOO group of one.
         try (Tensor rewards = Tensor.create(1f, 0f, Float.NaN, 1f)) {
-            badOnBoth("NaN reward", () -> Advantages.group(rewards, 2, AdvantageMode.MEAN_STD).close(), "rewards[2]");
+            badOnBoth("NaN reward", () -> Advantages.group(rewards, 2, AdvantageMode.MEAN_STD).close(), "rewards[2] = NaN");
         }
         try (Tensor rewards = torch.zeros(2, 4); Tensor values = torch.zeros(2, 4)) {
             values.data_ptr_float().put(5, Float.NaN);
-            badOnBoth("NaN value", () -> Advantages.gae(rewards, values, null, 0.9, 0.9).close(), "values[5]");
+            badOnBoth("NaN value", () -> Advantages.gae(rewards, values, null, 0.9, 0.9).close(), "values[1, 1] = NaN");
         }
         try (Tensor rewards = Tensor.create(1f, 0f, 0.5f); Tensor ids = Tensor.create(0L, 0L, 1L)) {
             badOnBoth("RLOO group of one", () -> Advantages.groupByIds(rewards, ids, AdvantageMode.RLOO, 1e-6).close(),
@@ -444,15 +444,19 @@ public final class CudaEmulatorProbe {
 
     /**
      * The same bad call on both paths: an IllegalArgumentException naming {@code offender} each
-     * time; on the CUDA path reported by gspo4j_cuda_check_error ("a CUDA kernel found"), with the
-     * CPU path's status when the CPU's comes from native code too. Returns the CPU path's exception.
+     * time, with the same message on both (the Java layer words the CPU and the CUDA kernels'
+     * findings alike); on the CUDA path reported by gspo4j_cuda_check_error ("a CUDA kernel
+     * found", the cause's native message), with the CPU path's status when the CPU's comes from
+     * native code too. Returns the CPU path's exception.
      */
     private static IllegalArgumentException badOnBoth(String what, Executable call, String offender) {
         final IllegalArgumentException cpu = assertThrows(IllegalArgumentException.class, call, what + " on the CPU");
         final IllegalArgumentException cuda = emulated(() -> assertThrows(IllegalArgumentException.class, call, what + " on CUDA"));
-        assertTrue(cuda.getMessage().startsWith("a CUDA kernel found "), what + " on CUDA: " + cuda.getMessage());
+        assertTrue(cuda.getCause() != null && cuda.getCause().getMessage().startsWith("a CUDA kernel found "),
+                what + " on CUDA: " + cuda.getCause());
+        assertEquals(cpu.getMessage(), cuda.getMessage(), what + ": the same message on both paths");
         for (IllegalArgumentException e : new IllegalArgumentException[] {cpu, cuda}) {
-            if (!e.getMessage().contains(offender) && !(e == cpu && offender.startsWith("targets["))) {
+            if (!e.getMessage().contains(offender)) {
                 fail(what + ": \"" + e.getMessage() + "\" should name " + offender);
             }
         }

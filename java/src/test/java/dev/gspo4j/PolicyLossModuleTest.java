@@ -552,7 +552,7 @@ public class PolicyLossModuleTest {
             expectBad(grpo, LossInput.builder().logits(logits.transpose(1, 2).contiguous().transpose(1, 2)).targets(targets).advantages(adv), "stride(-1) = 1");
             expectBad(PolicyLoss.grpo().kl(0.1, KlEstimator.K1).build(), LossInput.builder().logits(logits).targets(targets).advantages(adv), "refLogProbs are required");
             expectBad(PolicyLoss.gspo().build(), LossInput.builder().logits(logits).targets(targets).tokenAdvantages(old), "gspoToken");
-            expectBad(grpo, LossInput.builder().logits(logits).targets(targets).advantages(adv).oldLogProbs(old.mul(new Scalar(Double.NaN))), "old_logprob[0]");
+            expectBad(grpo, LossInput.builder().logits(logits).targets(targets).advantages(adv).oldLogProbs(old.mul(new Scalar(Double.NaN))), "oldLogProbs[0, 0] = NaN");
             expectBad(grpo, LossInput.builder().logits(logits.detach().mul(new Scalar(Double.POSITIVE_INFINITY))).targets(targets).advantages(adv), "NaN or Inf");
             expectBad(grpo, LossInput.builder().logits(logits.reshape(6, 10)).targets(targets.reshape(6)).offsets(Tensor.create(0L, 4L, 3L)).advantages(adv), "offsets");
             assertThrows(IllegalArgumentException.class, () -> PolicyLoss.grpo().clip(1.5, 0.2));
