@@ -87,7 +87,7 @@ public final class Advantages {
         }
         final long count = rewards.size(0);
         try (Tensor rc = floatCopy(rewards); Tensor ids = groupIds == null ? null : idsCopy(groupIds, count, rewards)) {
-            final DataErrors errors = new DataErrors(0, "").name("rewards", "rewards", rc, DataErrors.Axis.FLAT);
+            final DataErrors errors = new DataErrors(0, "").name("rewards", "rewards", rc, DataErrors.Axis.FLAT).groupIds(ids);
             final Tensor out = Tensors.empty(new long[] {count}, ScalarType.Float, rewards);
             try {
                 final Device device = Tensors.device(rewards);

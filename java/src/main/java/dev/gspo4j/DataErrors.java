@@ -14,7 +14,8 @@ import org.bytedeco.pytorch.global.torch.ScalarType;
  * ({@code [b, t]} padded, {@code [n]} packed, not a flat offset), the value read from the Java
  * side's tensor, and the fix. The CPU and the CUDA kernels word their findings differently (a CUDA
  * kernel records an index only); both become the same message here. The native status and
- * message stay available as the cause. Anything it does not recognise keeps the native message.
+ * message stay available as the cause. Anything it does not recognise keeps the native message
+ * (less the CUDA path's "a CUDA kernel found" prefix).
  */
 final class DataErrors {
     private static final String CUDA_PREFIX = "a CUDA kernel found ";
@@ -22,6 +23,7 @@ final class DataErrors {
     private static final Pattern TARGET_OUT_OF_RANGE = Pattern.compile("targets\\[(\\d+)\\].* is outside the vocabulary.*");
     private static final Pattern LOGITS_NOT_FINITE = Pattern.compile("logits row (\\d+)\\b.* holds NaN or Inf.*");
     private static final Pattern OFFSETS = Pattern.compile("offsets(\\[| must not decrease).*");
+    private static final Pattern RLOO_GROUP_OF_ONE = Pattern.compile("RLOO needs at least 2 responses per group; the group of response (\\d+)\\b.*");
 
     /** How the index of a native array maps onto the Java tensor. */
     enum Axis {
@@ -42,6 +44,7 @@ final class DataErrors {
     private Tensor offsets;
     private long tokens;
     private double temperature = 1;
+    private Tensor groupIds;
 
     /**
      * @param seq T of the padded layout, 0 for the packed one
@@ -68,6 +71,11 @@ final class DataErrors {
     DataErrors offsets(Tensor offsets, long tokens) {
         this.offsets = offsets;
         this.tokens = tokens;
+        return this;
+    }
+
+    DataErrors groupIds(Tensor groupIds) {
+        this.groupIds = groupIds;
         return this;
     }
 
@@ -108,6 +116,13 @@ final class DataErrors {
                 return offsetsMessage;
             }
         }
+        match = RLOO_GROUP_OF_ONE.matcher(m);
+        if (match.matches()) {
+            final long response = Long.parseLong(match.group(1));
+            return "RLOO needs at least 2 responses per group; the group of response " + response
+                    + (groupIds != null ? " (groupIds[" + response + "] = " + readLong(groupIds, response) + ")" : "")
+                    + " has 1: RLOO's baseline is the mean of the others; MEAN or MEAN_STD give a group of one 0";
+        }
         match = ARRAY_NOT_FINITE.matcher(m);
         if (match.matches() && names.containsKey(match.group(1))) {
             final Name name = names.get(match.group(1));
@@ -116,7 +131,7 @@ final class DataErrors {
             final String value = name.tensor == null ? "" : " = " + readFloat(name.tensor, index);
             return name.javaName + where + value + " is not finite" + finiteHint;
         }
-        return nativeMessage;
+        return m;
     }
 
     /** {@code [b, t]} (padded) or {@code [n]} (packed) of token {@code index}, with {@code tail} before the bracket. */

@@ -289,6 +289,11 @@ class InputHardeningTest {
             expect(() -> Advantages.group(rewards, 2, AdvantageMode.MEAN), "rewards[1] = NaN is not finite");
         }
         expect(() -> Advantages.group(new float[] {1f, Float.NaN}, 2, AdvantageMode.MEAN), "rewards[1] is not finite");
+        try (Tensor rewards = Tensor.create(1f, 2f, 3f); Tensor ids = Tensor.create(4L, 4L, 9L)) {
+            final IllegalArgumentException e = expect(() -> Advantages.groupByIds(rewards, ids, AdvantageMode.RLOO, 1e-6),
+                    "the group of response 2 (groupIds[2] = 9) has 1", "MEAN or MEAN_STD");
+            assertTrue(e.getCause() instanceof Gspo4jException, "the native status stays the cause");
+        }
     }
 
     // ---- 11: counts, ranges, GAE mask, overflow, ignoreIndex -----------------------------------
