@@ -321,8 +321,8 @@ final class PreparedInput implements AutoCloseable {
     }
 
     static String deviceName(Tensor t) {
-        try (Device device = t.device()) {
-            return device.str().getString();
+        try (Device device = t.device(); BytePointer name = device.str()) {
+            return name.getString();
         }
     }
 

@@ -38,7 +38,7 @@ final class TensorArgs {
         try (Device device = t.device()) {
             if (!device.is_cpu() && !device.is_cuda()) {
                 throw new IllegalArgumentException(name + (name.equals("logits") ? " are" : " is") + " on "
-                        + device.str().getString() + (device.is_meta() ? ", which holds no data" : "")
+                        + PreparedInput.deviceName(t) + (device.is_meta() ? ", which holds no data" : "")
                         + "; this gspo4j library runs on " + (Kernels.cudaDeviceCount() > 0 ? "cpu and cuda"
                                 : "cpu only (built without CUDA kernels)"));
             }
