@@ -58,7 +58,7 @@ public final class MemoryProbe {
     }
 
     /** Clears the peak (Linux: writing 5 to clear_refs resets VmHWM to the current RSS). */
-    private static void resetPeak() {
+    static void resetPeak() {
         try {
             Files.writeString(Path.of("/proc/self/clear_refs"), "5");
         } catch (Exception e) {
@@ -66,7 +66,7 @@ public final class MemoryProbe {
         }
     }
 
-    private static long status(String key) throws Exception {
+    static long status(String key) throws Exception {
         for (String line : Files.readAllLines(Path.of("/proc/self/status"))) {
             if (line.startsWith(key)) {
                 return Long.parseLong(line.replaceAll("[^0-9]", "")) * 1024;

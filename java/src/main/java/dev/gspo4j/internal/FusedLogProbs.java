@@ -1,16 +1,22 @@
 package dev.gspo4j.internal;
 
+import java.util.ArrayList;
+import java.util.Arrays;
+import java.util.List;
 import java.util.Map;
 import java.util.concurrent.ConcurrentHashMap;
+import java.util.concurrent.atomic.AtomicBoolean;
 import org.bytedeco.javacpp.Pointer;
+import org.bytedeco.pytorch.AutoGradMode;
 import org.bytedeco.pytorch.BoolOptional;
+import org.bytedeco.pytorch.GradMode;
+import org.bytedeco.pytorch.InferenceMode;
 import org.bytedeco.pytorch.PointerConsumer;
 import org.bytedeco.pytorch.Scalar;
-import org.bytedeco.pytorch.ScalarOptional;
 import org.bytedeco.pytorch.ScalarTypeOptional;
 import org.bytedeco.pytorch.Tensor;
-import org.bytedeco.pytorch.TensorBase;
 import org.bytedeco.pytorch.TensorArrayRefOptional;
+import org.bytedeco.pytorch.TensorBase;
 import org.bytedeco.pytorch.TensorOptions;
 import org.bytedeco.pytorch.TensorTensorHook;
 import org.bytedeco.pytorch.VoidTensorHook;
@@ -18,67 +24,133 @@ import org.bytedeco.pytorch.global.torch;
 import org.bytedeco.pytorch.global.torch.ScalarType;
 
 /**
- * What the fused backward needs from one forward, and the two ways to run it: straight into
- * {@code logits.backward(grad)} (three passes over the logits) or from libtorch's autograd through
- * a differentiable loss tensor (one more read, by a {@code sum}).
+ * What the fused backward needs from one forward, and the differentiable loss that runs it from
+ * libtorch's autograd. Both backward paths go through that graph: {@code loss().backward()} and the
+ * direct {@code LossResult.backward(scale)}, which builds a private graph and runs it at once, so
+ * libtorch's engine delivers the gradient either way (the logits' tensor hooks and gradient
+ * accumulation run as for any libtorch gradient).
  *
  * <p>The presets offer no custom autograd Function for Java, so the differentiable loss is built
  * from stock ops plus three hooks:
  * <pre>
- *   loss = value + float(alias(released(logits)).sum()).clamp(0, 0) * one + 0 * (anchor * token)
+ *   loss = value + float(dot(view(-1, alias(released(logits)) * Z), Z')) * one + anchor * 0
  * </pre>
- * {@code value} is the kernels' loss; the clamp term is exactly 0 whatever the sum (even an fp16
- * overflow to Inf) and puts the logits on the graph. A hook on the float32 clamp output records the
- * upstream gradient d(total)/d(loss) exactly; the hook on {@code alias} then receives sum's
- * stride-0 expanded gradient (no [N, V] allocation) and returns the fused backward kernel's
+ * {@code Z} and {@code Z'} are libtorch "efficient zero tensors" (no storage; ops on them only
+ * compute the result's metadata): the product, the dot and their backwards never touch the logits'
+ * data or allocate [N, V] memory, whatever the logits' strides (a view, an expanded tensor), so
+ * attaching the logits costs no pass over them. The term is exactly 0. A hook on the float32 dot
+ * records the upstream gradient d(total)/d(loss) exactly; the hook on {@code alias} then receives
+ * the product's gradient (another zero tensor: no memory) and returns the fused backward kernel's
  * gradient scaled by that upstream value; the hook on {@code released}, the next node, drops our
  * Java reference to that gradient before the logits' own node sees it (AccumulateGrad clones a
  * gradient somebody else still holds).
  *
+ * <p>What the backward reads is checked before the kernel runs, as libtorch checks its saved
+ * tensors: the logits are read through a detached alias taken at compute time (its own metadata,
+ * the same storage and version counter), so {@code set_}, {@code as_strided_} or {@code resize_}
+ * on the caller's tensor cannot make the kernel read or write outside what compute() saw; such a
+ * change, and an in-place change to the logits, the int64 targets or the entropy tensor that
+ * {@code LossResult.entropy()} hands out (when the loss has an entropy term), is an {@link
+ * IllegalStateException}. Inside {@code loss().backward()} libtorch reports a hook's exception as
+ * a {@code RuntimeException} whose message is that exception's class and message.
+ *
  * <p>Lifetime: the hooks are Java callbacks and must stay reachable as long as the graph can call
- * them; the forward's tensors (logits, lse, coefficients) likewise. {@code token} is a one-element
- * tensor over memory we own with a deleter, saved by the MulBackward of {@code anchor * token},
- * which is created before the alias: libtorch's engine runs ready nodes in decreasing sequence
- * number, so that node runs after the alias hook in every backward, and the graph frees the token
- * when a backward does not retain the graph, or when the graph itself is dropped. The deleter then
- * releases the hooks and the saved tensors. {@code * one} saves a tensor in a node that runs before
- * both hooks: a second backward without retain_graph fails there, as libtorch's own graphs do,
- * before it could reach a released hook.
+ * them; the forward's tensors (logits, lse, coefficients) likewise. Two one-element tensors over
+ * memory we own, each with a deleter, tell us when that ends. {@code one} is saved by the
+ * MulBackward of {@code * one}, which every backward runs before both hooks (they are downstream of
+ * it): a backward without retain_graph frees it there, so we know this backward is the graph's last
+ * and release everything once the gradient has passed the {@code released} hook; a second backward
+ * without retain_graph fails at that node, as libtorch's own graphs do, before it could reach a
+ * released hook. {@code anchor} is held by its AccumulateGrad node, which no backward frees: its
+ * deleter runs when the graph itself is dropped (with or without a backward, after a failed one).
+ * A failure in our gradient hook releases at once. No node of ours is left waiting in the engine's
+ * ready queue when a backward fails elsewhere (a node that was ready but had not run would keep the
+ * graph alive in the thread's queue), so the state never outlives the graph.
  */
 public final class FusedLogProbs implements AutoCloseable {
 
+    // Graphs whose state is alive, by the address of their anchor's memory.
     private static final Map<Long, FusedLogProbs> LIVE_GRAPHS = new ConcurrentHashMap<>();
+    // The same states by the address of their {@code one}'s memory.
+    private static final Map<Long, FusedLogProbs> BY_ONE = new ConcurrentHashMap<>();
+    // The memory behind every live token, freed by the token's deleter alone (a node may still read
+    // the token after the state is released). On the logits' device, where the graph's nodes run.
+    private static final Map<Long, Tensor> TOKEN_MEMORY = new ConcurrentHashMap<>();
 
-    /** Called by libtorch when a graph frees its token: the graph can no longer reach its hooks. */
-    private static final PointerConsumer RELEASE = new PointerConsumer() {
+    /** Called by libtorch when a graph drops its anchor: the graph itself is gone. */
+    private static final PointerConsumer GRAPH_DROPPED = new PointerConsumer() {
         @Override
         public void call(Pointer data) {
-            final FusedLogProbs state = LIVE_GRAPHS.remove(data.address());
+            freeTokenMemory(data);
+            final FusedLogProbs state = LIVE_GRAPHS.get(data.address());
             if (state != null) {
                 state.close();
             }
         }
     };
 
+    /**
+     * Called by libtorch when a graph frees {@code one}: during a backward without retain_graph (the
+     * graph's last, before our hooks run), or when the graph is dropped.
+     */
+    private static final PointerConsumer ONE_RELEASED = new PointerConsumer() {
+        @Override
+        public void call(Pointer data) {
+            freeTokenMemory(data);
+            final FusedLogProbs state = BY_ONE.get(data.address());
+            if (state != null) {
+                state.lastBackward = true;
+            }
+        }
+    };
+
+    private static void freeTokenMemory(Pointer data) {
+        final Tensor memory = TOKEN_MEMORY.remove(data.address());
+        if (memory != null) {
+            memory.close();
+        }
+    }
+
+    // The caller's logits: the graph attaches to this tensor, and its metadata is checked against
+    // the snapshot below; the kernels never read through it.
+    private final Tensor callerLogits;
+    // A detached alias of the logits taken at compute time: its own TensorImpl (metadata changes on
+    // the caller's tensor leave it alone), the same storage (kept alive) and version counter.
     private final Tensor logits;
+    private final long[] logitsShape;
+    private final long[] logitsStrides;
+    private final long logitsStorageOffset;
+    private final long logitsAddress;
+    private final long logitsVersion;
     private final LogitsView view;
+    // The targets as the kernels read them: a detached alias of the caller's tensor when it was
+    // already contiguous int64, else our converted copy.
     private final Tensor targets;
+    private final long targetsVersion;
     private final double temperature;
     private final Tensor lse;
+    // A detached alias of the entropy LossResult.entropy() hands out: same storage and version.
     private final Tensor entropy;
+    private final long entropyVersion;
     private final Tensor gradLogprob;
     private final Tensor gradEntropy;
+    // Shared by the result's holder and every graph made from it: whether a gradient was sent.
+    private final AtomicBoolean gradientSent;
     // Graph-only state, set by attach().
     private VoidTensorHook upstreamHook;
     private TensorTensorHook gradientHook;
-    // The memory behind the graph's token: one float on the logits' device, ours until the graph
-    // calls RELEASE. On the logits' device so that every node of the trick runs on the device's
-    // own autograd queue, where the ordering by sequence number holds.
-    private Tensor tokenHolder;
+    // The addresses of this graph's anchor and one (0 until attach() made them).
+    private long anchorAddress;
+    private long oneAddress;
+    // Set when a backward without retain_graph freed {@code one}: this backward is the graph's last.
+    private volatile boolean lastBackward;
     private volatile Tensor upstream;
+    // What the gradient hook threw, for the direct path to rethrow with its own type.
+    private volatile RuntimeException hookFailure;
     // The gradient just handed to autograd. Our Java reference must be gone before the logits'
     // own node sees it: AccumulateGrad clones a gradient someone else still holds (2x memory).
     private Tensor pendingGradient;
+    private boolean closed;
     // JavaCPP hands each hook an owning copy of its argument: every hook closes it, or the
     // argument (here the [N, V] gradient) stays alive until a garbage collection.
     private final VoidTensorHook releaseHook = new VoidTensorHook() {
@@ -86,40 +158,131 @@ public final class FusedLogProbs implements AutoCloseable {
         public void call(TensorBase grad) {
             releasePendingGradient();
             grad.close();
+            if (lastBackward && anchorAddress != 0) {
+                FusedLogProbs.this.close(); // no later backward can reach this graph's hooks
+            }
         }
     };
 
     /**
-     * Takes its own references to every tensor (the caller keeps and closes its own).
+     * Takes its own references to every tensor (the caller keeps and closes its own), and records
+     * the logits' metadata and the versions of what the backward reads.
      *
      * @param gradEntropy dLoss/dH per token, or null when the loss has no entropy term
      */
     public FusedLogProbs(Tensor logits, LogitsView view, Tensor targets, double temperature, Tensor lse, Tensor entropy,
             Tensor gradLogprob, Tensor gradEntropy) {
-        this.logits = new Tensor(logits);
+        this.callerLogits = new Tensor(logits);
+        this.logits = logits.detach();
+        this.logitsShape = Tensors.shape(logits);
+        this.logitsStrides = strides(logits);
+        this.logitsStorageOffset = logits.storage_offset();
+        this.logitsAddress = address(logits);
+        this.logitsVersion = logits._version();
         this.view = view;
-        this.targets = new Tensor(targets);
+        this.targets = targets.detach();
+        this.targetsVersion = targets._version();
         this.temperature = temperature;
         this.lse = new Tensor(lse);
-        this.entropy = new Tensor(entropy);
+        this.entropy = entropy.detach();
+        this.entropyVersion = entropy._version();
         this.gradLogprob = new Tensor(gradLogprob);
         this.gradEntropy = gradEntropy == null ? null : new Tensor(gradEntropy);
+        this.gradientSent = new AtomicBoolean();
+    }
+
+    /** Another holder of the same tensors and the same compute-time records. */
+    private FusedLogProbs(FusedLogProbs other) {
+        this.callerLogits = new Tensor(other.callerLogits);
+        this.logits = new Tensor(other.logits);
+        this.logitsShape = other.logitsShape;
+        this.logitsStrides = other.logitsStrides;
+        this.logitsStorageOffset = other.logitsStorageOffset;
+        this.logitsAddress = other.logitsAddress;
+        this.logitsVersion = other.logitsVersion;
+        this.view = other.view;
+        this.targets = new Tensor(other.targets);
+        this.targetsVersion = other.targetsVersion;
+        this.temperature = other.temperature;
+        this.lse = new Tensor(other.lse);
+        this.entropy = new Tensor(other.entropy);
+        this.entropyVersion = other.entropyVersion;
+        this.gradLogprob = new Tensor(other.gradLogprob);
+        this.gradEntropy = other.gradEntropy == null ? null : new Tensor(other.gradEntropy);
+        this.gradientSent = other.gradientSent;
+    }
+
+    /** Another holder of the same tensors (for a graph, while the first stays with its result). */
+    public FusedLogProbs copy() {
+        return new FusedLogProbs(this);
+    }
+
+    /** Whether a backward through any graph made from this holder has produced the gradient. */
+    public boolean gradientSent() {
+        return gradientSent.get();
+    }
+
+    /**
+     * Throws {@link IllegalStateException} when something the backward reads changed since compute():
+     * the logits' metadata or storage, or the data of the logits, the targets or (with an entropy
+     * term) the entropy tensor, as libtorch's version counter shows.
+     */
+    public void checkUnchanged() {
+        final long[] shape = Tensors.shape(callerLogits);
+        final long[] strides = strides(callerLogits);
+        final long offset = callerLogits.storage_offset();
+        final long address = address(callerLogits);
+        if (!Arrays.equals(shape, logitsShape) || !Arrays.equals(strides, logitsStrides) || offset != logitsStorageOffset
+                || address != logitsAddress || callerLogits.scalar_type().intern() != logits.scalar_type().intern()) {
+            throw new IllegalStateException("the logits' shape, strides or storage changed after compute() (shape "
+                    + Arrays.toString(logitsShape) + ", strides " + Arrays.toString(logitsStrides) + ", storage offset "
+                    + logitsStorageOffset + " then; shape " + Arrays.toString(shape) + ", strides " + Arrays.toString(strides)
+                    + ", storage offset " + offset + (address != logitsAddress ? ", other memory" : "")
+                    + " now; set_, resize_ or as_strided_?): the backward would not match them. Clone the logits before "
+                    + "changing them, or call compute() after the change");
+        }
+        // Nobody else holds the saved alias; checked anyway, since the kernel trusts it.
+        if (!Arrays.equals(Tensors.shape(logits), logitsShape) || !Arrays.equals(strides(logits), logitsStrides)
+                || address(logits) != logitsAddress) {
+            throw new IllegalStateException("gspo4j's saved alias of the logits changed (a gspo4j bug)");
+        }
+        requireVersion(logits, logitsVersion, "the logits");
+        requireVersion(targets, targetsVersion, "the targets");
+        if (gradEntropy != null) {
+            requireVersion(entropy, entropyVersion, "the entropy tensor (LossResult.entropy())");
+        }
+    }
+
+    private static void requireVersion(Tensor t, long recorded, String name) {
+        final long now = t._version();
+        if (now != recorded) {
+            throw new IllegalStateException(name + ", needed for the gradient computation, were modified by an in-place "
+                    + "operation after compute(): version " + recorded + " at compute(), " + now + " now. The backward would "
+                    + "read the new values and give a wrong gradient. Clone the tensor before modifying it, or call compute() "
+                    + "after the change");
+        }
     }
 
     /**
      * The gradient of {@code scale * loss} with respect to the logits, contiguous, in the logits'
-     * dtype: one read of the logits and one write.
+     * dtype and with the shape compute() saw: one read of the logits and one write.
      *
      * @param scale a 0-dim float32 tensor on the logits' device, or null for 1
      */
     public Tensor logitsGradient(Tensor scale) {
+        checkUnchanged();
         final Tensor gLp = scale == null ? gradLogprob : gradLogprob.mul(scale);
         final Tensor gH = gradEntropy == null ? null : scale == null ? gradEntropy : gradEntropy.mul(scale);
         try {
-            final Tensor grad = Tensors.empty(Tensors.shape(logits), logits.scalar_type(), logits);
-            Kernels.tokenLogProbBackward(Tensors.device(logits), Tensors.stream(logits), view, Tensors.longs(targets), temperature,
-                    Tensors.doubles(lse), Tensors.floats(entropy), Tensors.floats(gLp), Tensors.floats(gH), grad.data_ptr(),
-                    view.seq() * view.vocab(), view.vocab());
+            final Tensor grad = Tensors.empty(logitsShape, logits.scalar_type(), logits);
+            try {
+                Kernels.tokenLogProbBackward(Tensors.device(logits), Tensors.stream(logits), view, Tensors.longs(targets),
+                        temperature, Tensors.doubles(lse), Tensors.floats(entropy), Tensors.floats(gLp), Tensors.floats(gH),
+                        grad.data_ptr(), view.seq() * view.vocab(), view.vocab());
+            } catch (RuntimeException | Error e) {
+                grad.close();
+                throw e;
+            }
             return grad;
         } finally {
             if (gLp != gradLogprob) {
@@ -131,44 +294,32 @@ public final class FusedLogProbs implements AutoCloseable {
         }
     }
 
-    /** Another holder of the same tensors (for a graph, while the first stays with its result). */
-    public FusedLogProbs copy() {
-        return new FusedLogProbs(logits, view, targets, temperature, lse, entropy, gradLogprob, gradEntropy);
-    }
-
-    /** The direct path: {@code logits.backward(d(scale * loss)/d(logits))}. */
-    public void backwardInto(double scale) {
-        final Tensor grad;
-        if (scale == 1.0) {
-            grad = logitsGradient(null);
-        } else {
-            try (TensorOptions options = logits.options().dtype(new ScalarTypeOptional(ScalarType.Float));
-                    Tensor s = torch.full(new long[0], new Scalar(scale), options)) {
-                grad = logitsGradient(s);
-            }
+    /**
+     * The direct path: builds a private graph over {@code value} (see {@link #attach}) and runs its
+     * backward with upstream gradient {@code scale}, so the gradient reaches the logits through
+     * libtorch's engine, as from {@code loss().backward()}. Checks first, so a change since
+     * compute() is an exception with nothing sent.
+     *
+     * @param scale finite, within the float32 range (checked by the caller)
+     */
+    public void backwardInto(Tensor value, double scale) {
+        checkUnchanged();
+        final FusedLogProbs graph = copy();
+        final Tensor loss;
+        try {
+            loss = graph.attach(value);
+        } catch (RuntimeException | Error e) {
+            graph.close();
+            throw e;
         }
-        if (logits.is_leaf()) {
-            // What AccumulateGrad would do, minus its clone: a gradient someone else still holds
-            // (our reference, backward()'s argument list) is copied, doubling the memory.
-            try (Tensor current = logits.grad()) {
-                if (current.defined()) {
-                    current.add_(grad);
-                } else {
-                    logits.mutable_grad().put(grad);
-                }
-            } finally {
-                grad.close();
-            }
-            return;
-        }
-        // Through an alias whose hook drops our reference to the gradient before the model's
-        // node runs, so the buffer is freed as soon as that node is done with it.
-        pendingGradient = grad;
-        try (Tensor alias = logits.alias(); BoolOptional retain = new BoolOptional(); TensorArrayRefOptional inputs = new TensorArrayRefOptional()) {
-            alias.register_hook(releaseHook);
-            alias.backward(grad, retain, false, inputs);
-        } finally {
-            releasePendingGradient();
+        try (Tensor root = loss; TensorOptions base = value.options(); ScalarTypeOptional float32 = new ScalarTypeOptional(ScalarType.Float);
+                TensorOptions options = base.dtype(float32); Scalar s = new Scalar(scale);
+                Tensor gradient = torch.full(new long[0], s, options); BoolOptional retain = new BoolOptional(false);
+                TensorArrayRefOptional inputs = new TensorArrayRefOptional()) {
+            root.backward(gradient, retain, false, inputs);
+        } catch (RuntimeException e) {
+            final RuntimeException cause = graph.hookFailure;
+            throw cause != null ? cause : e;
         }
     }
 
@@ -181,70 +332,134 @@ public final class FusedLogProbs implements AutoCloseable {
 
     /**
      * The differentiable loss: {@code value} (a 0-dim float32 tensor) with the logits attached to the
-     * graph through this object's hooks. This object then belongs to the graph: the graph releases
-     * it; do not close it.
+     * graph through this object's hooks, built whatever the current grad mode (the loss was computed
+     * with grad). This object then belongs to the graph: the graph releases it; do not close it. On
+     * an exception nothing stays registered and this object is closed.
+     *
+     * @throws IllegalStateException when the logits changed since compute(), or in inference mode
      */
     public Tensor attach(Tensor value) {
-        final Scalar zeroScalar = new Scalar(0.0);
-        final ScalarOptional zero = new ScalarOptional(zeroScalar);
-        final Tensor token;
-        final Tensor anchorBase;
-        final Tensor one;
-        try (Scalar oneScalar = new Scalar(1.0); TensorOptions base = logits.options();
-                ScalarTypeOptional float32 = new ScalarTypeOptional(ScalarType.Float); TensorOptions options = base.dtype(float32)) {
-            tokenHolder = torch.full(new long[] {1}, oneScalar, options);
-            final Pointer tokenMemory = tokenHolder.data_ptr();
-            token = torch.from_blob(tokenMemory, new long[0], RELEASE, options);
-            LIVE_GRAPHS.put(tokenMemory.address(), this);
-            anchorBase = torch.full(new long[0], zeroScalar, options);
-            one = torch.full(new long[0], oneScalar, options);
+        checkUnchanged();
+        if (InferenceMode.is_enabled()) {
+            throw new IllegalStateException("loss() cannot build its autograd graph in inference mode (c10::InferenceMode): "
+                    + "call loss() outside the InferenceMode guard, or use lossValue() for the value");
         }
-        final Tensor anchor = anchorBase.set_requires_grad(true);
-        // Created before the alias: a lower sequence number, so it runs after the alias hook.
-        final Tensor lifetime = anchor.mul(token);
-        // logits -> released (hook: drop our reference) -> alias (hook: the gradient) -> sum
-        final Tensor released = logits.alias();
-        released.register_hook(releaseHook);
-        final Tensor alias = released.alias();
-        gradientHook = new TensorTensorHook() {
-            @Override
-            public TensorBase call(TensorBase ignored) {
-                ignored.close();
-                releasePendingGradient();
-                final Tensor grad = logitsGradient(upstream);
-                synchronized (FusedLogProbs.this) {
-                    pendingGradient = grad;
+        final List<Pointer> made = new ArrayList<>();
+        Tensor loss = null;
+        boolean built = false;
+        try (AutoGradMode gradMode = new AutoGradMode(true); Scalar zeroScalar = new Scalar(0.0);
+                TensorOptions base = callerLogits.options(); ScalarTypeOptional float32 = new ScalarTypeOptional(ScalarType.Float);
+                TensorOptions options = base.dtype(float32)) {
+            final Tensor anchorBase = keep(made, token(0.0, GRAPH_DROPPED, options));
+            anchorAddress = anchorBase.data_ptr().address();
+            LIVE_GRAPHS.put(anchorAddress, this);
+            final Tensor one = keep(made, token(1.0, ONE_RELEASED, options));
+            oneAddress = one.data_ptr().address();
+            BY_ONE.put(oneAddress, this);
+            final Tensor anchor = keep(made, anchorBase.set_requires_grad(true));
+            // logits -> released (hook: drop our reference) -> alias (hook: the gradient) -> * Z
+            final Tensor released = keep(made, callerLogits.alias());
+            released.register_hook(releaseHook);
+            final Tensor alias = keep(made, released.alias());
+            gradientHook = new TensorTensorHook() {
+                @Override
+                public TensorBase call(TensorBase ignored) {
+                    ignored.close();
+                    return sendGradient();
                 }
-                return grad;
-            }
-        };
-        alias.register_hook(gradientHook);
-        final Tensor sum = alias.sum();
-        final Tensor sum32 = sum.to(ScalarType.Float);
-        final Tensor attached = sum32.clamp(zero, zero);
-        upstreamHook = new VoidTensorHook() {
-            @Override
-            public void call(TensorBase grad) {
-                final Tensor previous = upstream;
-                upstream = new Tensor(grad);
-                grad.close();
-                if (previous != null) {
-                    previous.close();
+            };
+            alias.register_hook(gradientHook);
+            // Zero tensors in the logits' dtype: the product and the dot only compute metadata, and
+            // their backwards return zero tensors too, so neither direction reads the logits.
+            final Tensor zero = keep(made, torch.torch__efficientzerotensor(new long[0], callerLogits.options()));
+            final Tensor zeros = keep(made, alias.mul(zero));
+            final Tensor flat = keep(made, zeros.view(-1));
+            final Tensor zeroFlat = keep(made, torch.torch__efficientzerotensor(new long[] {flat.size(0)}, callerLogits.options()));
+            final Tensor dot = keep(made, flat.dot(zeroFlat));
+            final Tensor attached = keep(made, dot.to(ScalarType.Float));
+            upstreamHook = new VoidTensorHook() {
+                @Override
+                public void call(TensorBase grad) {
+                    final Tensor previous = upstream;
+                    upstream = new Tensor(grad);
+                    grad.close();
+                    if (previous != null) {
+                        previous.close();
+                    }
                 }
+            };
+            attached.register_hook(upstreamHook);
+            final Tensor guarded = keep(made, attached.mul(one));
+            final Tensor keepAlive = keep(made, anchor.mul(zeroScalar));
+            final Tensor partial = keep(made, value.add(guarded));
+            loss = partial.add(keepAlive);
+            built = true;
+            return loss;
+        } finally {
+            // Dropping our references leaves the graph owned by the loss alone; on an exception
+            // it drops the graph too, and this closes.
+            for (Pointer p : made) {
+                p.close();
             }
-        };
-        attached.register_hook(upstreamHook);
-        final Tensor guarded = attached.mul(one);
-        final Tensor keepAlive = lifetime.mul(zeroScalar);
-        final Tensor partial = value.add(guarded);
-        final Tensor loss = partial.add(keepAlive);
-        for (Tensor t : new Tensor[] {token, anchor, anchorBase, lifetime, released, alias, sum, sum32, attached, one, guarded, keepAlive,
-            partial}) {
-            t.close();
+            if (!built) {
+                if (loss != null) {
+                    loss.close();
+                }
+                close();
+            }
         }
-        zero.close();
-        zeroScalar.close();
-        return loss;
+    }
+
+    /** A 0-dim float32 tensor holding {@code value} over memory of ours, with a deleter. */
+    private static Tensor token(double value, PointerConsumer deleter, TensorOptions options) {
+        final Tensor memory;
+        try (Scalar v = new Scalar(value)) {
+            memory = torch.full(new long[] {1}, v, options);
+        }
+        final Pointer data = memory.data_ptr();
+        TOKEN_MEMORY.put(data.address(), memory);
+        try {
+            return torch.from_blob(data, new long[0], deleter, options);
+        } catch (RuntimeException | Error e) {
+            TOKEN_MEMORY.remove(data.address());
+            memory.close();
+            throw e;
+        }
+    }
+
+    private static Tensor keep(List<Pointer> made, Tensor t) {
+        made.add(t);
+        return t;
+    }
+
+    /** The gradient hook's body: the fused gradient scaled by the recorded upstream gradient. */
+    private Tensor sendGradient() {
+        try {
+            synchronized (this) {
+                if (closed) {
+                    throw new IllegalStateException("this loss's graph was released after an earlier failure in its backward; "
+                            + "call compute() again");
+                }
+            }
+            if (GradMode.is_enabled()) {
+                throw new IllegalStateException("gspo4j's fused loss does not support double backward (create_graph=true, or a "
+                        + "gradient of its gradient): the fused kernel's gradient is computed outside autograd and is not itself "
+                        + "differentiable. Run the backward without create_graph, or use a libtorch composite loss for "
+                        + "higher-order gradients");
+            }
+            releasePendingGradient();
+            final Tensor grad = logitsGradient(upstream);
+            synchronized (this) {
+                pendingGradient = grad;
+            }
+            gradientSent.set(true);
+            return grad;
+        } catch (RuntimeException e) {
+            hookFailure = e;
+            // Nothing of this graph runs after a failed hook: release now, not when the graph goes.
+            close();
+            throw e;
+        }
     }
 
     /** Live graphs whose hooks are still registered (for tests of the release logic). */
@@ -252,19 +467,37 @@ public final class FusedLogProbs implements AutoCloseable {
         return LIVE_GRAPHS.size();
     }
 
+    private static long[] strides(Tensor t) {
+        final long[] out = new long[(int) t.dim()];
+        for (int i = 0; i < out.length; i++) {
+            out[i] = t.stride(i);
+        }
+        return out;
+    }
+
+    private static long address(Tensor t) {
+        return t.numel() == 0 ? 0 : t.data_ptr().address();
+    }
+
     /** Releases every reference; idempotent. */
     @Override
     public synchronized void close() {
-        for (Tensor t : new Tensor[] {logits, targets, lse, entropy, gradLogprob, gradEntropy, upstream, pendingGradient}) {
+        if (closed) {
+            return;
+        }
+        closed = true;
+        for (Tensor t : new Tensor[] {callerLogits, logits, targets, lse, entropy, gradLogprob, gradEntropy, upstream, pendingGradient}) {
             if (t != null && !t.isNull()) {
                 t.close();
             }
         }
         upstream = null;
         pendingGradient = null;
-        if (tokenHolder != null) {
-            tokenHolder.close();
-            tokenHolder = null;
+        if (anchorAddress != 0) {
+            LIVE_GRAPHS.remove(anchorAddress);
+        }
+        if (oneAddress != 0) {
+            BY_ONE.remove(oneAddress);
         }
     }
 }
