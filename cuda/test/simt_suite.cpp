@@ -1238,6 +1238,36 @@ void errors_section() {
         if (name == "entropy") b.entropy[counted] = kNaN;
         if (selected("policy_loss error NaN " + name, false)) policy_loss_case(config, b, false, false, true, true);
     }
+    // A counted token whose target logit is -Inf: the forward gives lp = -Inf without an error
+    // (checking on), and the policy loss rejects that lp on both devices, naming logprob[i]; the
+    // CPU's message says what it means.
+    {
+        const int64_t vocab = 33;
+        std::vector<float> z(2 * vocab);
+        for (float& v : z) v = normal(1.0f);
+        z[5] = -kInf;
+        const std::vector<int64_t> targets = {5, 7};
+        std::vector<float> lp(2, 0.0f), h(2, 0.0f);
+        std::vector<double> lse(2, 0.0);
+        const int forward = gspo4j_token_logprob_forward(kCpu, nullptr, z.data(), GSPO4J_FLOAT32, 1, 2, vocab, 2 * vocab, vocab, targets.data(),
+                                                         1.0, 1, lp.data(), lse.data(), h.data());
+        report.expect(forward == GSPO4J_OK && lp[0] == -kInf && std::isfinite(lse[0]) && std::isfinite(h[0]),
+                      format("-Inf target: forward status %d, lp %g, lse %g, H %g", forward, lp[0], lse[0], h[0]));
+        Batch b = make_batch(4, true, 0.1);
+        gspo4j_loss_config config = loss_config(GSPO4J_RATIO_TOKEN, GSPO4J_TOKEN_MEAN, 2);
+        size_t counted = 0;
+        while (counted < b.mask.size() && !b.mask[counted]) ++counted;
+        b.logprob[counted] = lp[0];
+        if (selected("policy_loss error -Inf logprob", false)) policy_loss_case(config, b, false, false, true, true);
+        float loss = 0.0f;
+        std::vector<float> g(static_cast<size_t>(b.tokens));
+        const int status = gspo4j_policy_loss(kCpu, nullptr, &config, b.batch, b.seq, b.tokens, b.offsets.data(), b.logprob.data(),
+                                              b.old_logprob.data(), b.mask.data(), b.advantages.data(), 0, b.ref_logprob.data(),
+                                              b.entropy.data(), &loss, g.data(), nullptr, nullptr);
+        const std::string message = gspo4j_last_error();
+        report.expect(status == GSPO4J_ERROR_NON_FINITE && message.find("probability 0") != std::string::npos,
+                      "-Inf logprob: policy loss status " + std::to_string(status) + ", \"" + message + "\"");
+    }
     // A host pointer passed as device memory: the pointer check names it.
     const std::vector<float> host(8, 1.0f);
     const std::vector<int64_t> ids(8, 0);
