@@ -42,8 +42,8 @@ struct KindInfo {
 const KindInfo kKindInfo[kKinds] = {
     {GSPO4J_ERROR_OUT_OF_RANGE, "offsets[", "] breaks 0 = offsets[0] <= offsets[1] <= ... <= offsets[batch] = tokens"},
     {GSPO4J_ERROR_OUT_OF_RANGE, "targets[", "] is outside the vocabulary [0, vocab)"},
-    {GSPO4J_ERROR_NON_FINITE, "logits row ", " holds NaN or Inf (after division by the temperature)"},
-    {GSPO4J_ERROR_NON_FINITE, "logprob[", "] is not finite"},
+    {GSPO4J_ERROR_NON_FINITE, "logits row ", " holds NaN or Inf: a NaN or +Inf, or no finite entry (-Inf entries are allowed)"},
+    {GSPO4J_ERROR_NON_FINITE, "logprob[", "] is not finite (NaN, or -Inf: a counted token of probability 0, its logit -Inf)"},
     {GSPO4J_ERROR_NON_FINITE, "old_logprob[", "] is not finite"},
     {GSPO4J_ERROR_NON_FINITE, "advantages[", "] is not finite"},
     {GSPO4J_ERROR_NON_FINITE, "ref_logprob[", "] is not finite"},

@@ -2,9 +2,10 @@
 //
 // One CTA per logits row (or per slice of a row when there are too few rows to fill the GPU),
 // 16-byte loads and stores, everything accumulated in fp32 per thread and combined in fp64 in a
-// fixed order. The forward is a single online-softmax pass: each thread keeps a running max m,
-// S = sum e^(x - m) and T = sum e^(x - m) (x - m), rescaled when m grows, so the logits are read
-// once and nothing of size [N, V] is written. The backward reads each logit once and writes its
+// fixed order. The forward is a single online-softmax pass: each thread keeps a running max m of
+// the raw logits, with s = (z - m) / tau the count of elements at m, R = the sum of e^s over the
+// others and T = sum e^s s, rescaled when m grows, so the logits are read once and nothing of
+// size [N, V] is written. -Inf logits are values of probability 0; NaN and +Inf are errors. The backward reads each logit once and writes its
 // gradient once, and rebuilds the target's entry in fp64 from the sum of the other
 // probabilities, never from a rounded p_y.
 #include <cuda_bf16.h>
@@ -24,6 +25,9 @@ namespace cuda {
 namespace {
 
 constexpr float kLog2e = 1.4426950408889634f;
+
+// Where the backward clamps log p in its coefficient (p is 0 far above it), as on the CPU.
+constexpr float kLowestLogP = -1e4f;
 
 // ex2.approx: 2 ulp, one MUFU instruction. exp(v) = 2^(v * log2 e), applied only to v = x - max
 // (exact for the entries that matter), so the product's rounding stays relative to a small v.
@@ -152,108 +156,128 @@ __device__ __forceinline__ void for_each_chunk(const typename D::storage* row, i
     }
 }
 
-// The softmax statistics of a set of x = z / tau, relative to its max: S = sum e^(x - max),
-// T = sum e^(x - max) (x - max). Merging two is exact algebra; fp64 keeps the rescaling exact.
+// The softmax statistics of a set of logits z relative to their max M (tau > 0, so the max of
+// z / tau is M / tau), with s = (z - M) / tau: `count` c elements equal M (their term is exactly
+// 1), `rest` R = sum of e^s over the others, `weighted` T = sum e^s s. S = c + R; keeping the 1s
+// out of R keeps R's relative precision, so lp = s_y - log c - log1p(R / c) and the entropy
+// log S - T / S are exact in relative terms as p_y -> 1. -Inf entries have e^s = 0 and count in
+// none of them. Nothing (c = R = T = 0): no column, or only -Inf.
 struct Statistics {
     double max;
-    double sum;
+    double count;
+    double rest;
     double weighted;
 };
 
-__device__ __forceinline__ Statistics merge(const Statistics& a, const Statistics& b) {
-    // Empty: no column at all. A slice of only -Inf (sum 0, weighted NaN) is not empty.
-    if (a.sum == 0.0 && a.weighted == 0.0) return b;
-    if (b.sum == 0.0 && b.weighted == 0.0) return a;
-    const double max = a.max > b.max ? a.max : b.max;
-    const double da = a.max - max;
-    const double db = b.max - max;
-    const double fa = exp(da);
-    const double fb = exp(db);
-    return Statistics{max, fa * a.sum + fb * b.sum, fa * (a.weighted + da * a.sum) + fb * (b.weighted + db * b.sum)};
+__device__ __forceinline__ bool contributes(const Statistics& s) { return s.count != 0.0 || s.rest != 0.0 || s.weighted != 0.0; }
+
+// `s` relative to a max >= its own, in fp64 (exact algebra): its max's elements join the rest.
+// The factor uses the same fp32 1/tau as every s.
+__device__ __forceinline__ Statistics rescale(const Statistics& s, double max, double inverse_temperature) {
+    if (s.max == max) return s;
+    const double delta = (s.max - max) * inverse_temperature;
+    const double factor = exp(delta);
+    const double sum = s.count + s.rest;
+    return Statistics{max, 0.0, factor * sum, factor * (s.weighted + delta * sum)};
 }
 
-// A CTA's statistics over its columns; `bad` is set when some x is NaN or +-Inf.
+__device__ __forceinline__ Statistics merge(const Statistics& a, const Statistics& b, double inverse_temperature) {
+    if (!contributes(a)) return b;
+    if (!contributes(b)) return a;
+    const double max = a.max > b.max ? a.max : b.max;
+    const Statistics x = rescale(a, max, inverse_temperature);
+    const Statistics y = rescale(b, max, inverse_temperature);
+    return Statistics{max, x.count + y.count, x.rest + y.rest, x.weighted + y.weighted};
+}
+
+// A CTA's statistics over its columns; `bad` is set when some z is NaN or +Inf.
 template <typename D, int kThreads>
 __device__ Statistics row_statistics(const typename D::storage* row, int64_t begin, int64_t end, float inverse_temperature,
                                      bool* bad) {
     GSPO4J_SHARED(double, shared, 32);
-    GSPO4J_SHARED(int, shared_flag, 32);
-    // -FLT_MAX, not -Inf, as on the CPU: a thread whose first chunk is all -Inf (masked
-    // vocabulary entries, with checking off) then takes e^(-Inf - -FLT_MAX) = 0, where
-    // -Inf - -Inf would make its sum NaN and with it lse.
+    // -FLT_MAX, not -Inf, as on the CPU: a thread whose first chunk is all -Inf (banned or padded
+    // vocabulary entries) then takes s = -Inf - -FLT_MAX = -Inf and e^s = 0, where -Inf - -Inf
+    // would be NaN.
     float running_max = -FLT_MAX;
-    float sum = 0.0f;
+    float count = 0.0f;
+    float rest = 0.0f;
     float weighted = 0.0f;
-    for_each_chunk<D, kThreads>(row, begin, end, [&](int64_t, float* values, int count) {
+    for_each_chunk<D, kThreads>(row, begin, end, [&](int64_t, float* values, int count_here) {
         float chunk_max = -FLT_MAX;
-        for (int i = 0; i < count; ++i) {
-            // Rounded, never fused into the subtraction below: lp and the backward use this x.
-            values[i] = __fmul_rn(values[i], inverse_temperature);
-            chunk_max = fmaxf(chunk_max, values[i]);
-        }
+        for (int i = 0; i < count_here; ++i) chunk_max = fmaxf(chunk_max, values[i]);
         if (chunk_max > running_max) {
-            if (sum > 0.0f) {
-                const float delta = running_max - chunk_max;
+            if (count > 0.0f) {
+                // The old max's elements join the rest.
+                const float delta = __fmul_rn(running_max - chunk_max, inverse_temperature);
                 const float factor = exp_shifted(delta);
-                weighted = factor * fmaf(delta, sum, weighted);
-                sum *= factor;
+                // factor 0: delta may be -Inf (z - M overflowing at tiny tau), and 0 * -Inf NaN.
+                weighted = factor == 0.0f ? 0.0f : factor * fmaf(delta, count + rest, weighted);
+                rest = factor * (rest + count);
+                count = 0.0f;
             }
             running_max = chunk_max;
         }
-        for (int i = 0; i < count; ++i) {
-            // NaN and +-Inf turn sum or weighted into NaN here (Inf - Inf, 0 * -Inf): one test
-            // at the end finds them, none per element.
-            const float shifted = values[i] - running_max;
+        for (int i = 0; i < count_here; ++i) {
+            // The difference first, then the rounded product (never fused): z - M is exact near
+            // the max, so s keeps fp32 precision whatever |z / tau|.
+            const float shifted = __fmul_rn(values[i] - running_max, inverse_temperature);
             const float e = exp_shifted(shifted);
-            sum += e;
-            weighted = fmaf(e, shifted, weighted);
+            const bool at_max = values[i] == running_max;
+            count += at_max ? 1.0f : 0.0f;
+            // A NaN logit makes rest NaN here (fmaxf skipped it, so it is never at the max), a +Inf
+            // one the max: one test at the end finds them, none per element.
+            rest += at_max ? 0.0f : e;
+            // e = 0 (a -Inf logit, or z - M overflowing): no term, where 0 * -Inf would be NaN.
+            weighted = e > 0.0f ? fmaf(e, shifted, weighted) : weighted;
         }
     });
-    const int thread_bad = !(isfinite(sum) && isfinite(weighted));
-    // Fixed-order merge: the block max first, then every thread's sums rescaled to it in fp64.
-    // A thread that saw a finite element has sum >= 1 (its max contributes e^0), one that saw NaN
-    // a NaN sum, one that saw only -Inf a zero sum and a NaN weighted sum (0 * -Inf); only empty
-    // threads are left out. So NaN reaches lse as on the CPU, and a -Inf logit (a masked
-    // vocabulary entry, with checking off) spoils only the entropy, not lse, as on the CPU.
-    const bool any = sum != 0.0f || weighted != 0.0f;
-    const double own_max = any ? static_cast<double>(running_max) : -INFINITY;
-    const double block_max = block_reduce(own_max, Max(), static_cast<double>(-INFINITY), shared);
-    double scaled_sum = 0.0;
-    double scaled_weighted = 0.0;
-    if (any) {
-        const double delta = own_max - block_max;
-        const double factor = exp(delta);
-        scaled_sum = factor * sum;
-        scaled_weighted = factor * (static_cast<double>(weighted) + delta * sum);
-    }
-    const double total_sum = block_reduce(scaled_sum, Add(), 0.0, shared);
-    const double total_weighted = block_reduce(scaled_weighted, Add(), 0.0, shared);
-    *bad = block_reduce(thread_bad, Max(), 0, shared_flag) != 0;
-    return Statistics{block_max, total_sum, total_weighted};
+    // Fixed-order merge in fp64: the block max first, then every thread's statistics rescaled to
+    // it. A thread with nothing (no column, only -Inf) has max -FLT_MAX and adds zeros.
+    const double own_max = static_cast<double>(running_max);
+    const double block_max = block_reduce(own_max, Max(), static_cast<double>(-FLT_MAX), shared);
+    const Statistics own = rescale(Statistics{own_max, count, rest, weighted}, block_max, static_cast<double>(inverse_temperature));
+    const double total_count = block_reduce(own.count, Add(), 0.0, shared);
+    const double total_rest = block_reduce(own.rest, Add(), 0.0, shared);
+    const double total_weighted = block_reduce(own.weighted, Add(), 0.0, shared);
+    // R and T are finite sums of bounded terms unless a logit was NaN; M is +Inf only for +Inf.
+    *bad = !(isfinite(total_rest) && isfinite(total_weighted) && block_max < INFINITY);
+    return Statistics{block_max, total_count, total_rest, total_weighted};
 }
 
-// lse, lp and H of one row from its statistics; checks the row's token id.
+// lse, lp and H of one row from its statistics; checks the row's token id. A row with NaN or
+// +Inf gives NaN everywhere, one without a finite entry lse = -Inf and NaN lp and H, as on the CPU.
 template <typename D>
 __device__ void write_forward(const Statistics& s, bool bad, int64_t row, const typename D::storage* row_pointer, const Geometry& g,
-                              const int64_t* targets, float inverse_temperature, bool check_finite, ErrorRecord record,
-                              float* logprob, double* lse, float* entropy) {
+                              const int64_t* targets, float inverse_temperature, double inverse_temperature_wide, bool check_finite,
+                              ErrorRecord record, float* logprob, double* lse, float* entropy) {
     const int64_t y = targets[row];
     const bool target_ok = y >= 0 && y < g.vocab;
     if (!target_ok) report(record, DataError::kTargetOutOfRange, row);
-    const bool non_finite = bad || !(s.sum > 0.0) || !isfinite(s.max);
-    if (non_finite && check_finite) report(record, DataError::kNonFiniteLogits, row);
-    const double log_sum = log(s.sum);
-    const double row_lse = s.max + log_sum;
+    const bool empty = !(s.count > 0.0);
+    if ((bad || empty) && check_finite) report(record, DataError::kNonFiniteLogits, row);
+    double log_sum = NAN;
+    double row_lse = NAN;
+    double h = NAN;
+    if (bad) {
+    } else if (empty) {
+        row_lse = -INFINITY;
+    } else {
+        log_sum = log(s.count) + log1p(s.rest / s.count);
+        row_lse = s.max * inverse_temperature_wide + log_sum;
+        h = log_sum - s.weighted / (s.count + s.rest);
+    }
     lse[row] = row_lse;
-    // The same fp32 product the statistics used, so lp and the backward agree.
-    logprob[row] = target_ok ? static_cast<float>(static_cast<double>(__fmul_rn(D::widen(row_pointer[y]), inverse_temperature)) - row_lse) : NAN;
-    if (entropy) entropy[row] = static_cast<float>(log_sum - s.weighted / s.sum);
+    // s_y formed as the statistics formed every s: -Inf for a -Inf target logit.
+    const float shifted = target_ok ? __fmul_rn(D::widen(row_pointer[y]) - static_cast<float>(s.max), inverse_temperature) : NAN;
+    logprob[row] = static_cast<float>(static_cast<double>(shifted) - log_sum);
+    if (entropy) entropy[row] = static_cast<float>(h);
 }
 
 template <typename D, int kThreads>
 __global__ void __launch_bounds__(kThreads, 1024 / kThreads) forward_kernel(const typename D::storage* __restrict__ logits, Geometry g,
                                                            const int64_t* __restrict__ targets, float inverse_temperature,
-                                                           bool check_finite, ErrorRecord record, float* __restrict__ logprob,
+                                                           double inverse_temperature_wide, bool check_finite, ErrorRecord record,
+                                                           float* __restrict__ logprob,
                                                            double* __restrict__ lse, float* __restrict__ entropy,
                                                            Statistics* __restrict__ partial, int* __restrict__ partial_bad) {
     const int split = blockIdx.y;
@@ -263,38 +287,49 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads) forward_kernel(cons
         const int64_t end = column_end(g, begin);
         bool bad = false;
         const Statistics s = begin < end ? row_statistics<D, kThreads>(row_pointer, begin, end, inverse_temperature, &bad)
-                                         : Statistics{-INFINITY, 0.0, 0.0};
+                                         : Statistics{-FLT_MAX, 0.0, 0.0, 0.0};
         if (threadIdx.x != 0) continue;
         if (g.splits > 1) {
             partial[row * g.splits + split] = s;
             partial_bad[row * g.splits + split] = bad;
             continue;
         }
-        write_forward<D>(s, bad, row, row_pointer, g, targets, inverse_temperature, check_finite, record, logprob, lse, entropy);
+        write_forward<D>(s, bad, row, row_pointer, g, targets, inverse_temperature, inverse_temperature_wide, check_finite, record,
+                         logprob, lse, entropy);
     }
 }
 
 // Merges the CTAs of split rows, in split order.
 template <typename D>
 __global__ void forward_merge_kernel(const typename D::storage* __restrict__ logits, Geometry g, const int64_t* __restrict__ targets,
-                                     float inverse_temperature, bool check_finite, ErrorRecord record, float* __restrict__ logprob,
-                                     double* __restrict__ lse, float* __restrict__ entropy, const Statistics* __restrict__ partial,
+                                     float inverse_temperature, double inverse_temperature_wide, bool check_finite,
+                                     ErrorRecord record, float* __restrict__ logprob, double* __restrict__ lse,
+                                     float* __restrict__ entropy, const Statistics* __restrict__ partial,
                                      const int* __restrict__ partial_bad) {
     const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (row >= g.rows) return;
-    Statistics s{-INFINITY, 0.0, 0.0};
+    Statistics s{-FLT_MAX, 0.0, 0.0, 0.0};
     bool bad = false;
     for (int k = 0; k < g.splits; ++k) {
-        s = merge(s, partial[row * g.splits + k]);
+        s = merge(s, partial[row * g.splits + k], static_cast<double>(inverse_temperature));
         bad |= partial_bad[row * g.splits + k] != 0;
     }
-    write_forward<D>(s, bad, row, logits + g.offset(row), g, targets, inverse_temperature, check_finite, record, logprob, lse,
-                     entropy);
+    write_forward<D>(s, bad, row, logits + g.offset(row), g, targets, inverse_temperature, inverse_temperature_wide, check_finite,
+                     record, logprob, lse, entropy);
 }
 
+// tau * lse - hi, or 0 where that is no more than the rounding noise of tau * lse in fp64
+// (|noise| <= 2^-51 |tau * lse|): a row whose log S lies below fp64's resolution of lse (|M / tau|
+// of 1e22 and more) then still gives its max entries log p = 0 rather than the noise / tau.
+__device__ __forceinline__ float shift_low_part(double shift, float hi) {
+    const double low = shift - static_cast<double>(hi);
+    return fabs(low) <= fabs(shift) * 0x1p-50 ? 0.0f : static_cast<float>(low);
+}
+
+// shift_hi + shift_lo = tau * lse in two floats: log p_v = ((z_v - shift_hi) - shift_lo) / tau.
 struct BackwardRow {
-    float lse_hi;
-    float lse_lo;
+    float shift_hi;
+    float shift_lo;
     float grad_logprob;
     float grad_entropy;
     float entropy;
@@ -308,13 +343,17 @@ __device__ float backward_columns(const typename D::storage* row, typename D::st
     typedef typename D::storage S;
     float others = 0.0f;
     auto gradient = [&](int64_t column, float z) {
-        const float x = __fmul_rn(z, inverse_temperature);  // the forward's x, never fused into x - hi
-        // (x - hi) is exact for the entries that matter (Sterbenz), so log p keeps fp32
-        // precision even for logits of 1e4.
-        const float log_p = (x - r.lse_hi) - r.lse_lo;
+        // The difference first, then the rounded product (never fused): z - hi is exact for the
+        // entries that matter (z near the max, Sterbenz), so log p keeps fp32 precision even for
+        // logits of 1e4 or tau = 1e-6. At tau = 1 this is (z - lse_hi) - lse_lo.
+        const float log_p = __fmul_rn((z - r.shift_hi) - r.shift_lo, inverse_temperature);
         const float p = exp_shifted(log_p);
         if (column != target) others += p;
-        return -(p * fmaf(r.grad_entropy, log_p + r.entropy, r.grad_logprob)) * inverse_temperature;
+        // log p clamped in the coefficient only: a -Inf logit (p = 0) then gets 0 * finite = 0, where
+        // 0 * -Inf would be NaN; below -1e4 p is 0 anyway, and a NaN log p still reaches the result
+        // through p. (A select on p would split the loop's basic block and its 128-bit stores.)
+        const float coefficient = fmaf(r.grad_entropy, fmaxf(log_p, kLowestLogP) + r.entropy, r.grad_logprob);
+        return -(p * coefficient) * inverse_temperature;
     };
     const uintptr_t in_address = reinterpret_cast<uintptr_t>(row + begin);
     const uintptr_t out_address = reinterpret_cast<uintptr_t>(grad + begin);
@@ -340,12 +379,13 @@ __device__ float backward_columns(const typename D::storage* row, typename D::st
 // The target's gradient in fp64 from 1 - p_y = sum of the other p_v; log p_y likewise from
 // log1p(-others) when p_y is large, where x_y - lse has lost what the forward's fp32 sums could not
 // resolve next to 1.
-__device__ __forceinline__ double target_gradient(double target_x, double row_lse, double others, const BackwardRow& r,
+__device__ __forceinline__ double target_gradient(double target_z, double shift, double others, const BackwardRow& r,
                                                   double inverse_temperature) {
-    const double lp = others < 0.5 ? log1p(-others) : target_x - row_lse;
+    const double lp = others < 0.5 ? log1p(-others) : (target_z - shift) * inverse_temperature;
     const double p = others < 0.5 ? 1.0 - others : exp(lp);
-    return (static_cast<double>(r.grad_logprob) * others -
-            static_cast<double>(r.grad_entropy) * p * (lp + static_cast<double>(r.entropy))) * inverse_temperature;
+    // A -Inf target logit: lp = -Inf, p = 0, no entropy term (not 0 * -Inf): dz_y = g_lp / tau.
+    const double entropy_term = p == 0.0 ? 0.0 : p * (lp + static_cast<double>(r.entropy));
+    return (static_cast<double>(r.grad_logprob) * others - static_cast<double>(r.grad_entropy) * entropy_term) * inverse_temperature;
 }
 
 // Before the backward writes anything: every token id in range? Sets *any_bad and records the
@@ -366,11 +406,12 @@ __global__ void check_targets_kernel(const int64_t* __restrict__ targets, int64_
 template <typename D, int kThreads>
 __global__ void __launch_bounds__(kThreads, 1024 / kThreads) backward_kernel(const typename D::storage* logits, Geometry g,
                                                             const int64_t* __restrict__ targets, float inverse_temperature,
-                                                            double inverse_temperature_wide, const double* __restrict__ lse,
+                                                            double inverse_temperature_wide, double temperature,
+                                                            const double* __restrict__ lse,
                                                             const float* __restrict__ entropy, const float* __restrict__ grad_logprob,
                                                             const float* __restrict__ grad_entropy, typename D::storage* grad_logits,
                                                             const int* __restrict__ any_bad, double* __restrict__ partial_others,
-                                                            float* __restrict__ target_x_out) {
+                                                            float* __restrict__ target_z_out) {
     GSPO4J_SHARED(double, shared, 32);
     // Any bad id (check_targets_kernel ran first on this stream): nothing is written, so an
     // in-place call leaves the caller's logits as they were. The whole block leaves at once.
@@ -384,13 +425,13 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads) backward_kernel(con
         const int64_t y = targets[row];
         if (threadIdx.x == 0 && y >= begin && y < end) {
             // Read before any thread overwrites it (in place: grad_logits == logits).
-            target_x_out[row] = __fmul_rn(D::widen(row_pointer[y]), inverse_temperature);
+            target_z_out[row] = D::widen(row_pointer[y]);
         }
         __syncthreads();
-        const double row_lse = lse[row];
+        const double shift = lse[row] * temperature;
         BackwardRow r;
-        r.lse_hi = static_cast<float>(row_lse);
-        r.lse_lo = static_cast<float>(row_lse - static_cast<double>(r.lse_hi));
+        r.shift_hi = static_cast<float>(shift);
+        r.shift_lo = shift_low_part(shift, r.shift_hi);
         r.grad_logprob = grad_logprob[row];
         r.grad_entropy = grad_entropy ? grad_entropy[row] : 0.0f;
         r.entropy = grad_entropy ? entropy[row] : 0.0f;
@@ -405,7 +446,7 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads) backward_kernel(con
                 // at 64 registers (1024 threads per SM) keeping them spilled at sm_80.
                 const int64_t target = targets[row];
                 grad_logits[g.grad_offset(row) + target] = static_cast<typename D::storage>(D::narrow(static_cast<float>(
-                    target_gradient(target_x_out[row], lse[row], others, r, inverse_temperature_wide))));
+                    target_gradient(target_z_out[row], lse[row] * temperature, others, r, inverse_temperature_wide))));
             }
         }
     }
@@ -414,10 +455,11 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads) backward_kernel(con
 // Split rows: the target's entry once every slice has summed its share of the other p_v.
 template <typename D>
 __global__ void backward_target_kernel(Geometry g, const int64_t* __restrict__ targets, double inverse_temperature_wide,
+                                       double temperature,
                                        const double* __restrict__ lse, const float* __restrict__ entropy,
                                        const float* __restrict__ grad_logprob, const float* __restrict__ grad_entropy,
                                        typename D::storage* grad_logits, const int* __restrict__ any_bad,
-                                       const double* __restrict__ partial_others, const float* __restrict__ target_x) {
+                                       const double* __restrict__ partial_others, const float* __restrict__ target_z) {
     const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (row >= g.rows || *any_bad) return;
     const int64_t y = targets[row];
@@ -428,7 +470,7 @@ __global__ void backward_target_kernel(Geometry g, const int64_t* __restrict__ t
     r.grad_entropy = grad_entropy ? grad_entropy[row] : 0.0f;
     r.entropy = grad_entropy ? entropy[row] : 0.0f;
     grad_logits[g.grad_offset(row) + y] = static_cast<typename D::storage>(
-        D::narrow(static_cast<float>(target_gradient(target_x[row], lse[row], others, r, inverse_temperature_wide))));
+        D::narrow(static_cast<float>(target_gradient(target_z[row], lse[row] * temperature, others, r, inverse_temperature_wide))));
 }
 
 // The launch plan, shared by the forward and the backward of the same shape.
@@ -503,7 +545,7 @@ Geometry geometry(const LogitsView& logits, const Plan& p, int64_t grad_stride_b
 
 template <typename D>
 void forward_typed(cudaStream_t stream, const LogitsView& logits, const int64_t* targets, float inverse_temperature,
-                   bool check_finite, ErrorRecord record, float* logprob, double* lse, float* entropy) {
+                   double inverse_temperature_wide, bool check_finite, ErrorRecord record, float* logprob, double* lse, float* entropy) {
     const Plan p = plan(logits.rows(), logits.vocab);
     const Geometry g = geometry(logits, p, 0, 0);
     const auto* data = static_cast<const typename D::storage*>(logits.data);
@@ -514,13 +556,15 @@ void forward_typed(cudaStream_t stream, const LogitsView& logits, const int64_t*
     const dim3 grid(p.grid_rows, static_cast<unsigned>(p.splits));
     with_threads(p.threads, [&](auto threads) {
         constexpr int kThreads = decltype(threads)::value;
-        GSPO4J_LAUNCH(grid, kThreads, 0, stream, forward_kernel<D, kThreads>)(data, g, targets, inverse_temperature, check_finite, record,
+        GSPO4J_LAUNCH(grid, kThreads, 0, stream, forward_kernel<D, kThreads>)(data, g, targets, inverse_temperature, inverse_temperature_wide,
+                                                                  check_finite, record,
                                                                   logprob, lse, entropy, partial, partial_bad);
     });
     check_launch("token_logprob forward_kernel");
     if (p.splits > 1) {
         GSPO4J_LAUNCH(static_cast<unsigned>(ceil_div(g.rows, 256)), 256, 0, stream, forward_merge_kernel<D>)(
-            data, g, targets, inverse_temperature, check_finite, record, logprob, lse, entropy, partial, partial_bad);
+            data, g, targets, inverse_temperature, inverse_temperature_wide, check_finite, record, logprob, lse, entropy, partial,
+            partial_bad);
         check_launch("token_logprob forward_merge_kernel");
     }
 }
@@ -540,7 +584,7 @@ void backward_typed(cudaStream_t stream, const LogitsView& logits, const int64_t
     const size_t target_count = static_cast<size_t>(g.rows);
     Scratch scratch(partial_count * sizeof(double) + target_count * sizeof(float) + sizeof(int), stream);
     double* partial_others = scratch.as<double>();
-    float* target_x = scratch.as<float>(partial_count * sizeof(double));
+    float* target_z = scratch.as<float>(partial_count * sizeof(double));
     int* any_bad = scratch.as<int>(partial_count * sizeof(double) + target_count * sizeof(float));
     check_cuda(cudaMemsetAsync(any_bad, 0, sizeof(int), stream), "cudaMemsetAsync");
     const unsigned check_blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(g.rows, 256), 4096));
@@ -549,14 +593,14 @@ void backward_typed(cudaStream_t stream, const LogitsView& logits, const int64_t
     const dim3 grid(p.grid_rows, static_cast<unsigned>(p.splits));
     with_threads(p.threads, [&](auto threads) {
         constexpr int kThreads = decltype(threads)::value;
-        GSPO4J_LAUNCH(grid, kThreads, 0, stream, backward_kernel<D, kThreads>)(data, g, targets, inverse, inverse_wide, lse, entropy,
+        GSPO4J_LAUNCH(grid, kThreads, 0, stream, backward_kernel<D, kThreads>)(data, g, targets, inverse, inverse_wide, temperature, lse, entropy,
                                                                    grad_logprob, grad_entropy, grad, any_bad, partial_others,
-                                                                   target_x);
+                                                                   target_z);
     });
     check_launch("token_logprob backward_kernel");
     if (p.splits > 1) {
         GSPO4J_LAUNCH(static_cast<unsigned>(ceil_div(g.rows, 256)), 256, 0, stream, backward_target_kernel<D>)(
-            g, targets, inverse_wide, lse, entropy, grad_logprob, grad_entropy, grad, any_bad, partial_others, target_x);
+            g, targets, inverse_wide, temperature, lse, entropy, grad_logprob, grad_entropy, grad, any_bad, partial_others, target_z);
         check_launch("token_logprob backward_target_kernel");
     }
 }
@@ -572,9 +616,11 @@ void token_logprob_forward(void* stream_pointer, const LogitsView& logits, const
     require_device_pointer(entropy, "entropy");
     const cudaStream_t stream = as_stream(stream_pointer);
     const ErrorRecord record = error_record();
-    const float inverse_temperature = static_cast<float>(1.0 / temperature);
+    const double inverse_temperature_wide = 1.0 / temperature;
+    const float inverse_temperature = static_cast<float>(inverse_temperature_wide);
     with_dtype(logits.dtype, [&](auto tag) {
-        forward_typed<decltype(tag)>(stream, logits, targets, inverse_temperature, check_finite, record, logprob, lse, entropy);
+        forward_typed<decltype(tag)>(stream, logits, targets, inverse_temperature, inverse_temperature_wide, check_finite, record, logprob,
+                                     lse, entropy);
     });
 }
 

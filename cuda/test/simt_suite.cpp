@@ -276,9 +276,13 @@ bool mentions_same_argument(const std::string& a, const std::string& b) {
     return false;
 }
 
+// When set, compare() also hands the CPU result and the first CUDA one to it (a reference check).
+std::function<void(const std::string& what, const Result&)> also_check;
+
 // Runs `call` once on the CPU and, under each schedule, on the emulated GPU; compares.
 void compare(const std::string& what, const std::function<Result(int device)>& call, const Tolerances& tolerances) {
     const Result cpu = call(kCpu);
+    if (also_check) also_check(what + " [cpu]", cpu);
     std::vector<Result> runs;
     for (const Schedule& s : schedules_for(report.case_index)) {
         apply(s);
@@ -289,6 +293,7 @@ void compare(const std::string& what, const std::function<Result(int device)>& c
     }
     apply(Schedule{simt::Order::kForward, 1, 0xff, "forward"});
     const Result& cuda = runs[0];
+    if (also_check) also_check(what + " [cuda]", cuda);
     // The schedules agree bit for bit: no race, no read of uninitialised shared memory.
     for (size_t r = 1; r < runs.size(); ++r) {
         bool same = runs[r].status == cuda.status && runs[r].outputs.size() == cuda.outputs.size();
@@ -341,6 +346,17 @@ struct Logits {
     int64_t offset(int64_t row) const { return lead + (row / seq) * stride_batch + (row % seq) * stride_seq; }
     size_t extent() const { return static_cast<size_t>(rows() == 0 ? lead : offset(rows() - 1) + vocab); }
 
+    float get(int64_t index) const {
+        if (dtype == GSPO4J_FLOAT32) {
+            float v;
+            std::memcpy(&v, bytes.data() + 4 * index, 4);
+            return v;
+        }
+        unsigned short bits;
+        std::memcpy(&bits, bytes.data() + 2 * index, 2);
+        return dtype == GSPO4J_BFLOAT16 ? __bfloat162float(__ushort_as_bfloat16(bits)) : __half2float(__ushort_as_half(bits));
+    }
+
     void set(int64_t index, float value) {
         if (dtype == GSPO4J_FLOAT32) {
             std::memcpy(bytes.data() + 4 * index, &value, 4);
@@ -352,7 +368,16 @@ struct Logits {
     }
 };
 
-enum class Fill { kNormal, kNegative, kDominant, kLarge, kNegInf, kNaN, kTiny, kLowest };
+enum class Fill {
+    kNormal, kNegative, kDominant, kLarge, kNegInf, kNaN, kTiny, kLowest,
+    // The extreme rows of issue 12, scaled by the temperature: z = 3 + tau * (...), so s = (z - M) / tau
+    // is O(1) at every tau (near-ties a few ulps apart at tau = 1e-6).
+    kNegInfRuns,    // -Inf at the head (16 entries: whole 16-byte vectors), in a run of 40, at the tail
+    kNegInfTarget,  // -Inf entries, the target's among them on even rows
+    kAllNegInf,     // row 0 entirely -Inf
+    kHuge,          // |z| up to 1e30 and a max of 3e31 (fp16: 6e4 and 65000), not scaled
+    kNearOne        // one dominant logit, the target (even rows) or not, by 18 tau or 40 tau
+};
 const char* fill_name(Fill f) {
     switch (f) {
         case Fill::kNormal: return "normal";
@@ -363,12 +388,19 @@ const char* fill_name(Fill f) {
         case Fill::kNaN: return "NaN entry";
         case Fill::kTiny: return "constant";
         case Fill::kLowest: return "masked with -FLT_MAX";
+        case Fill::kNegInfRuns: return "-inf runs";
+        case Fill::kNegInfTarget: return "-inf target";
+        case Fill::kAllNegInf: return "all -inf row";
+        case Fill::kHuge: return "huge";
+        case Fill::kNearOne: return "p->1";
     }
     return "?";
 }
 
 Logits make_logits(int dtype, int64_t batch, int64_t seq, int64_t vocab, int64_t stride_batch, int64_t stride_seq, int64_t lead, Fill fill,
-                   const std::vector<int64_t>& targets) {
+                   const std::vector<int64_t>& targets, double temperature = 1.0) {
+    const float tau = static_cast<float>(temperature);
+    const float huge = dtype == GSPO4J_FLOAT16 ? 6e4f : 1e30f;
     Logits l{dtype, batch, seq, vocab, stride_batch, stride_seq, lead, {}};
     const size_t extent = l.extent() + 8;
     l.bytes.assign(extent * dtype_bytes(dtype), 0);
@@ -386,6 +418,11 @@ Logits make_logits(int dtype, int64_t batch, int64_t seq, int64_t vocab, int64_t
                 case Fill::kNaN: x = normal(2.0f); break;
                 case Fill::kTiny: x = 0.25f; break;
                 case Fill::kLowest: x = -std::numeric_limits<float>::max(); break;  // -Inf once narrowed to fp16
+                case Fill::kNegInfRuns:
+                case Fill::kNegInfTarget:
+                case Fill::kAllNegInf: x = 3.0f + tau * normal(2.0f); break;
+                case Fill::kHuge: x = uniform(-huge, huge); break;
+                case Fill::kNearOne: x = 3.0f + tau * normal(1.0f); break;
             }
             l.set(base + v, x);
         }
@@ -400,6 +437,27 @@ Logits make_logits(int dtype, int64_t batch, int64_t seq, int64_t vocab, int64_t
             }
         }
         if (fill == Fill::kNaN && row == l.rows() / 2) l.set(base + vocab / 2, kNaN);
+        if (fill == Fill::kNegInfRuns) {
+            for (int64_t v = 0; v < vocab; ++v) {
+                const bool run = v < 16 || (v >= vocab / 2 && v < vocab / 2 + 40) || v >= vocab - 2;
+                if (run && v != y) l.set(base + v, -kInf);
+            }
+        }
+        if (fill == Fill::kNegInfTarget) {
+            for (int64_t v : {int64_t{0}, int64_t{1}, int64_t{2}, int64_t{3}, vocab - 1}) l.set(base + v, -kInf);
+            if (row % 2 == 0) l.set(base + y, -kInf);
+            if (vocab > 4) l.set(base + 4 + (y == 4), 3.0f);  // a finite entry, whatever y
+        }
+        if (fill == Fill::kAllNegInf) {
+            for (int64_t v = 0; v < vocab; ++v) {
+                if (row == 0 || v == 1) l.set(base + v, -kInf);
+            }
+        }
+        if (fill == Fill::kHuge) l.set(base + (row % 2 ? (y + 1) % vocab : y), dtype == GSPO4J_FLOAT16 ? 65000.0f : 3e31f);
+        if (fill == Fill::kNearOne) {
+            const float margin = (row / 2) % 2 ? 40.0f : 18.0f;
+            l.set(base + (row % 2 ? (y + 1) % vocab : y), 3.0f + tau * margin);
+        }
     }
     return l;
 }
@@ -416,10 +474,12 @@ struct LogitsCase {
     double temperature;
     bool check_finite;
     bool entropy;
+    bool reference = false;  // also check both devices against a long double reference
+    int expect_status = -1;  // >= 0: the status both devices must return
 };
 
 std::string describe(const LogitsCase& c) {
-    return format("V=%lld %s %lldx%lld %s threads=%d %s tau=%.2f check=%d entropy=%d", static_cast<long long>(c.vocab), dtype_name(c.dtype),
+    return format("V=%lld %s %lldx%lld %s threads=%d %s tau=%.2g check=%d entropy=%d", static_cast<long long>(c.vocab), dtype_name(c.dtype),
                   static_cast<long long>(c.batch), static_cast<long long>(c.seq), c.layout, c.threads, fill_name(c.fill), c.temperature,
                   c.check_finite, c.entropy);
 }
@@ -437,7 +497,7 @@ Logits logits_for(const LogitsCase& c, const std::vector<int64_t>& targets) {
         stride_seq = 0;
         stride_batch = c.vocab;
     }
-    return make_logits(c.dtype, c.batch, c.seq, c.vocab, stride_batch, stride_seq, lead, c.fill, targets);
+    return make_logits(c.dtype, c.batch, c.seq, c.vocab, stride_batch, stride_seq, lead, c.fill, targets, c.temperature);
 }
 
 void set_threads(int threads) {
@@ -475,11 +535,103 @@ std::vector<int64_t> random_targets(int64_t rows, int64_t vocab) {
     return t;
 }
 
+// A long double reference of one row (SPEC.md), from the logits as stored: s = z / tau - M,
+// S = sum e^s, lse = M + log S, lp = s_y - log S, H = log S - sum p s, and the gradient. `valid`
+// is false for a row with NaN, +Inf or no finite entry.
+struct RowReference {
+    bool valid = false;
+    long double max = 0, log_sum = 0, lse = 0, lp = 0, entropy = 0;
+    std::vector<long double> grad;
+};
+
+RowReference reference_row(const Logits& l, int64_t row, int64_t y, double temperature, double grad_lp, double grad_h) {
+    RowReference r;
+    const int64_t base = l.offset(row);
+    const long double tau = temperature;
+    long double max = -INFINITY;
+    for (int64_t v = 0; v < l.vocab; ++v) {
+        const float z = l.get(base + v);
+        if (std::isnan(z) || z == kInf) return r;
+        max = std::max(max, static_cast<long double>(z) / tau);
+    }
+    if (max == -INFINITY) return r;
+    // S = c + R, the terms at the max (exactly 1) apart: with p_y -> 1, R is far below the
+    // precision of 1 + R even in long double.
+    long double count = 0, rest = 0, weighted = 0;
+    for (int64_t v = 0; v < l.vocab; ++v) {
+        const long double shifted = static_cast<long double>(l.get(base + v)) / tau - max;
+        const long double e = std::exp(shifted);
+        if (shifted == 0) {
+            count += 1;
+        } else {
+            rest += e;
+        }
+        if (e > 0) weighted += e * shifted;
+    }
+    const long double sum = count + rest;
+    r.valid = true;
+    r.max = max;
+    r.log_sum = std::log(count) + std::log1p(rest / count);
+    r.lse = max + r.log_sum;
+    r.lp = (static_cast<long double>(l.get(base + y)) / tau - max) - r.log_sum;
+    r.entropy = r.log_sum - weighted / sum;
+    r.grad.resize(static_cast<size_t>(l.vocab));
+    for (int64_t v = 0; v < l.vocab; ++v) {
+        const long double log_p = (static_cast<long double>(l.get(base + v)) / tau - max) - r.log_sum;
+        const long double p = std::exp(log_p);
+        const long double one_hot_minus_p = v == y ? -std::expm1(log_p) : -p;
+        r.grad[static_cast<size_t>(v)] = (grad_lp * one_hot_minus_p - (p > 0 ? grad_h * p * (log_p + r.entropy) : 0)) / tau;
+    }
+    return r;
+}
+
+const Output* find_output(const Result& r, const std::string& name) {
+    for (const Output& o : r.outputs) {
+        if (o.name == name) return &o;
+    }
+    return nullptr;
+}
+
+bool close_relative(double got, long double want, long double allowed) {
+    if (std::isinf(static_cast<double>(want))) return got == static_cast<double>(want);
+    return std::fabs(static_cast<long double>(got) - want) <= allowed;
+}
+
+// The forward's lp, lse and H against the reference, in relative terms: lp and H to 2e-5 of
+// themselves (float32 s carries |s| 2^-24 into each e^s), lse to 2e-6 of |M / tau| + |log S|.
+void check_forward_reference(const std::string& what, const Result& r, const LogitsCase& c, const Logits& l,
+                             const std::vector<int64_t>& targets) {
+    if (r.status != GSPO4J_OK) return;
+    const Output* lp = find_output(r, "logprob");
+    const Output* lse = find_output(r, "lse");
+    const Output* h = find_output(r, "entropy");
+    for (int64_t row = 0; row < l.rows(); ++row) {
+        const RowReference want = reference_row(l, row, targets[static_cast<size_t>(row)], c.temperature, 0, 0);
+        if (!want.valid) continue;
+        const size_t i = static_cast<size_t>(row);
+        const long double lse_scale = std::fabs(want.max) + std::fabs(want.log_sum);
+        bool ok = close_relative(element(*lp, i), want.lp, 2e-5L * std::fabs(want.lp) + 1e-30L) &&
+                  close_relative(element(*lse, i), want.lse, 2e-6L * lse_scale + 1e-30L);
+        if (h) ok = ok && close_relative(element(*h, i), want.entropy, 2e-5L * std::fabs(want.entropy) + 1e-30L);
+        if (!ok) {
+            report.fail(what + format(": row %lld vs the reference: lp %.9g (want %.9Lg), lse %.17g (want %.17Lg), H %.9g (want %.9Lg)",
+                                      static_cast<long long>(row), element(*lp, i), want.lp, element(*lse, i), want.lse,
+                                      h ? element(*h, i) : 0.0, want.entropy));
+            return;
+        }
+    }
+    report.pass();
+}
+
 void forward_case(const LogitsCase& c) {
     const std::vector<int64_t> targets = random_targets(c.batch * c.seq, c.vocab);
     const Logits l = logits_for(c, targets);
     const int64_t rows = l.rows();
     set_threads(c.threads);
+    int cpu_status = -1;
+    if (c.reference) {
+        also_check = [&](const std::string& what, const Result& r) { check_forward_reference(what, r, c, l, targets); };
+    }
     compare("forward " + describe(c),
             [&](int device) {
                 const bool d = device == kCuda;
@@ -493,10 +645,46 @@ void forward_case(const LogitsCase& c) {
                 r.add("logprob", Kind::kFloat32, lp);
                 r.add("lse", Kind::kFloat64, lse);
                 if (c.entropy) r.add("entropy", Kind::kFloat32, h);
+                if (device == kCpu) cpu_status = r.status;
                 return r;
             },
             [&](const std::string& name) { return forward_tolerance(name, c); });
+    also_check = nullptr;
+    if (c.expect_status >= 0) {
+        report.expect(cpu_status == c.expect_status, "forward " + describe(c) + format(": status %d, expected %d", cpu_status, c.expect_status));
+    }
     set_threads(0);
+}
+
+// The gradient against the reference: one rounding step of the dtype relative to each entry,
+// plus 1e-6 of the row's largest (fp16: and its subnormal spacing); entries beyond the dtype's
+// range (fp16 at tau = 1e-6) are left out.
+void check_backward_reference(const std::string& what, const Result& r, const LogitsCase& c, const Logits& l,
+                              const std::vector<int64_t>& targets, const std::vector<float>& grad_lp, const std::vector<float>& grad_h,
+                              const std::function<int64_t(int64_t row)>& grad_row_start) {
+    if (r.status != GSPO4J_OK) return;
+    const Output& grad = r.outputs[0];
+    const long double relative = c.dtype == GSPO4J_BFLOAT16 ? 1.0L / 128 : c.dtype == GSPO4J_FLOAT16 ? 1.0L / 1024 : 1e-5L;
+    const long double floor = c.dtype == GSPO4J_FLOAT16 ? 6e-8L : 1e-30L;
+    const long double range = c.dtype == GSPO4J_FLOAT16 ? 65504.0L : 3.4e38L;
+    for (int64_t row = 0; row < l.rows(); ++row) {
+        const size_t i = static_cast<size_t>(row);
+        const RowReference want = reference_row(l, row, targets[i], c.temperature, grad_lp[i], c.entropy ? grad_h[i] : 0.0f);
+        if (!want.valid) continue;
+        long double scale = 0;
+        for (long double w : want.grad) scale = std::max(scale, std::fabs(w));
+        for (int64_t v = 0; v < l.vocab; ++v) {
+            const long double w = want.grad[static_cast<size_t>(v)];
+            if (std::fabs(w) > range) continue;
+            const double got = element(grad, static_cast<size_t>(grad_row_start(row) + v));
+            if (!close_relative(got, w, relative * std::fabs(w) + 1e-6L * scale + floor)) {
+                report.fail(what + format(": row %lld column %lld vs the reference: %.9g, want %.9Lg (row scale %.3Lg)", static_cast<long long>(row),
+                                          static_cast<long long>(v), got, w, scale));
+                return;
+            }
+        }
+    }
+    report.pass();
 }
 
 // The backward from the CPU forward's lse and entropy, out of place (into a buffer at other
@@ -524,6 +712,13 @@ void backward_case(const LogitsCase& c, bool in_place) {
     const int64_t grad_stride_batch = in_place ? l.stride_batch : c.seq * c.vocab;
     const size_t grad_bytes = in_place ? l.bytes.size() : (grad_lead + rows * c.vocab + 4) * dtype_bytes(c.dtype);
     set_threads(c.threads);
+    if (c.reference) {
+        also_check = [&](const std::string& what, const Result& r) {
+            check_backward_reference(what, r, c, l, targets, grad_lp, grad_h, [&](int64_t row) {
+                return in_place ? l.offset(row) : grad_lead + (row / c.seq) * grad_stride_batch + (row % c.seq) * grad_stride_seq;
+            });
+        };
+    }
     compare(std::string("backward ") + (in_place ? "in place " : "") + describe(c),
             [&](int device) {
                 const bool d = device == kCuda;
@@ -542,6 +737,7 @@ void backward_case(const LogitsCase& c, bool in_place) {
                 return r;
             },
             [&](const std::string&) { return gradient_tolerance(c.dtype); });
+    also_check = nullptr;
     set_threads(0);
 }
 
@@ -580,6 +776,34 @@ void token_logprob_section() {
                 if (fill != Fill::kNaN && fill != Fill::kNegInf && fill != Fill::kLowest && selected("backward " + describe(c))) {
                     backward_case(c, turn % 2 == 0);
                 }
+            }
+        }
+    }
+}
+
+// Issue 12's extreme rows on both devices, each also against a long double reference: -Inf entries
+// (at the head, in 16-byte vectors, in runs, at the tail, at the target) with checking on, a row
+// of only -Inf (an error with checking on; lse -Inf, lp and H NaN with it off), maxima of 3e31,
+// p -> 1 on the target and off it, at tau in {1e-6, 1e-3, 0.7, 1}.
+void extreme_rows_section() {
+    const int dtypes[] = {GSPO4J_FLOAT32, GSPO4J_BFLOAT16, GSPO4J_FLOAT16};
+    int turn = 0;
+    for (Fill fill : {Fill::kNegInfRuns, Fill::kNegInfTarget, Fill::kAllNegInf, Fill::kHuge, Fill::kNearOne}) {
+        for (double tau : {1e-6, 1e-3, 0.7, 1.0}) {
+            for (int dtype : dtypes) {
+                ++turn;
+                const int64_t vocab = turn % 5 == 0 ? 32001 : turn % 2 ? 1000 : 61;
+                const bool all_neg_inf = fill == Fill::kAllNegInf;
+                LogitsCase c{dtype, 2, 2, vocab, turn % 3 ? "contiguous" : "odd", 0, fill, tau, true, turn % 4 != 1};
+                c.reference = true;
+                c.expect_status = all_neg_inf ? GSPO4J_ERROR_NON_FINITE : GSPO4J_OK;
+                if (selected("extreme forward " + describe(c))) forward_case(c);
+                if (all_neg_inf) {
+                    c.check_finite = false;
+                    c.expect_status = GSPO4J_OK;
+                    if (selected("extreme forward " + describe(c))) forward_case(c);
+                }
+                if (selected("extreme backward " + describe(c))) backward_case(c, turn % 2 == 0);
             }
         }
     }
@@ -1014,6 +1238,36 @@ void errors_section() {
         if (name == "entropy") b.entropy[counted] = kNaN;
         if (selected("policy_loss error NaN " + name, false)) policy_loss_case(config, b, false, false, true, true);
     }
+    // A counted token whose target logit is -Inf: the forward gives lp = -Inf without an error
+    // (checking on), and the policy loss rejects that lp on both devices, naming logprob[i]; the
+    // CPU's message says what it means.
+    {
+        const int64_t vocab = 33;
+        std::vector<float> z(2 * vocab);
+        for (float& v : z) v = normal(1.0f);
+        z[5] = -kInf;
+        const std::vector<int64_t> targets = {5, 7};
+        std::vector<float> lp(2, 0.0f), h(2, 0.0f);
+        std::vector<double> lse(2, 0.0);
+        const int forward = gspo4j_token_logprob_forward(kCpu, nullptr, z.data(), GSPO4J_FLOAT32, 1, 2, vocab, 2 * vocab, vocab, targets.data(),
+                                                         1.0, 1, lp.data(), lse.data(), h.data());
+        report.expect(forward == GSPO4J_OK && lp[0] == -kInf && std::isfinite(lse[0]) && std::isfinite(h[0]),
+                      format("-Inf target: forward status %d, lp %g, lse %g, H %g", forward, lp[0], lse[0], h[0]));
+        Batch b = make_batch(4, true, 0.1);
+        gspo4j_loss_config config = loss_config(GSPO4J_RATIO_TOKEN, GSPO4J_TOKEN_MEAN, 2);
+        size_t counted = 0;
+        while (counted < b.mask.size() && !b.mask[counted]) ++counted;
+        b.logprob[counted] = lp[0];
+        if (selected("policy_loss error -Inf logprob", false)) policy_loss_case(config, b, false, false, true, true);
+        float loss = 0.0f;
+        std::vector<float> g(static_cast<size_t>(b.tokens));
+        const int status = gspo4j_policy_loss(kCpu, nullptr, &config, b.batch, b.seq, b.tokens, b.offsets.data(), b.logprob.data(),
+                                              b.old_logprob.data(), b.mask.data(), b.advantages.data(), 0, b.ref_logprob.data(),
+                                              b.entropy.data(), &loss, g.data(), nullptr, nullptr);
+        const std::string message = gspo4j_last_error();
+        report.expect(status == GSPO4J_ERROR_NON_FINITE && message.find("probability 0") != std::string::npos,
+                      "-Inf logprob: policy loss status " + std::to_string(status) + ", \"" + message + "\"");
+    }
     // A host pointer passed as device memory: the pointer check names it.
     const std::vector<float> host(8, 1.0f);
     const std::vector<int64_t> ids(8, 0);
@@ -1087,6 +1341,7 @@ int main(int argc, char** argv) {
     };
     const Section sections[] = {
         {"token log-probs", token_logprob_section},
+        {"extreme rows", extreme_rows_section},
         {"split rows", split_rows_section},
         {"policy loss", policy_loss_section},
         {"sequence log-ratio", sequence_log_ratio_section},

@@ -18,8 +18,12 @@ inline bool counted(const uint8_t* mask, int64_t i) { return mask == nullptr || 
 
 void require_finite(const float* values, const char* name, int64_t index) {
     if (values && !std::isfinite(values[index])) {
+        // A log-prob of -Inf is what the token log-prob forward gives a target whose logit is -Inf
+        // (a banned or padded vocabulary entry): the counted token had probability 0.
+        const bool impossible_token = values[index] < 0 && std::string(name).find("logprob") != std::string::npos;
         fail(GSPO4J_ERROR_NON_FINITE, std::string(name) + "[" + std::to_string(index) + "] = " +
-                                          std::to_string(values[index]) + " is not finite");
+                                          std::to_string(values[index]) + " is not finite" +
+                                          (impossible_token ? " (a counted token of probability 0: its logit is -Inf)" : ""));
     }
 }
 

@@ -75,8 +75,9 @@ inline vu f32_to_fp16(vf f) {
     return sign | bits;
 }
 
-// All-ones lanes where x is NaN or +-Inf.
-inline vu non_finite(vf x) { return (vu)(((vu)x & 0x7f800000u) == 0x7f800000u); }
+// All-ones lanes where x is NaN or +Inf: the logits' errors. -Inf (a banned or padded vocabulary
+// entry) is a value, of probability 0.
+inline vu nan_or_positive_infinity(vf x) { return ~(vu)(x < broadcast(__builtin_inff())); }
 
 inline vf max(vf a, vf b) { return a > b ? a : b; }
 
@@ -89,12 +90,14 @@ inline vf rounded_product(vf a, vf b) {
     return product;
 }
 
-// e^x in float32 to about 1 ulp for x in [-87, 88]; 0 below -87 (the terms this drops are
-// under 1e-38 of a sum that is at least 1) and NaN for NaN. Range reduction x = n ln2 + r with
-// ln2 split in two so n*ln2_hi is exact, then a degree-7 Taylor polynomial on |r| <= ln2/2
-// (truncation error below 5e-9).
-inline vf exp(vf x) {
-    const vf clamped = x < -88.0f ? broadcast(-88.0f) : x;
+// The argument clamp of exp: x below -88 (-Inf included) becomes -88, where exp_core gives 0.
+// Finite whatever x but NaN, so callers may multiply by it where e^x is 0 (0 * -Inf would be NaN).
+inline vf exp_argument(vf x) { return x < -88.0f ? broadcast(-88.0f) : x; }
+
+// e^c for c = exp_argument(x): about 1 ulp for c in [-87, 88], 0 at -88 and below 2^-126 in
+// between, NaN for NaN. Range reduction c = n ln2 + r with ln2 split in two so n*ln2_hi is exact,
+// then a degree-7 Taylor polynomial on |r| <= ln2/2 (truncation error below 5e-9).
+inline vf exp_core(vf clamped) {
     const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
     const vf shifted = clamped * 1.44269504088896341f + magic;
     const vf n = shifted - magic;
@@ -109,8 +112,14 @@ inline vf exp(vf x) {
     p = p * r + 0.5f;
     p = p * r + 1.0f;
     p = p * r + 1.0f;
-    const vf scale = (vf)((n_int + 127) << 23);
-    const vf result = p * scale;
+    const vf scale = (vf)((n_int + 127) << 23);  // 2^n; 0 for n = -127 (c = -88)
+    return p * scale;
+}
+
+// e^x in float32 to about 1 ulp for x in [-87, 88]; 0 below -87, -Inf included (the terms this
+// drops are under 1e-38 of a sum that is at least 1) and NaN for NaN.
+inline vf exp(vf x) {
+    const vf result = exp_core(exp_argument(x));
     return x < -87.0f ? vf{} : result;
 }
 

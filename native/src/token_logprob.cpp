@@ -76,7 +76,8 @@ void token_logprob_forward(const LogitsView& logits, const int64_t* targets, dou
     const int64_t rows = logits.rows();
     check_targets(targets, rows, logits.vocab);
     const RowKernels& k = kernels();
-    const float inverse_temperature = static_cast<float>(1.0 / temperature);
+    const double inverse_temperature_wide = 1.0 / temperature;
+    const float inverse_temperature = static_cast<float>(inverse_temperature_wide);
     const char* base = static_cast<const char*>(logits.data);
     const int64_t element = dtype_size(logits.dtype);
     FirstBadRow bad;
@@ -84,11 +85,13 @@ void token_logprob_forward(const LogitsView& logits, const int64_t* targets, dou
         for (int64_t r = begin; r < end; ++r) {
             const void* row = base + logits.row_offset(r) * element;
             RowForward result;
-            k.forward(row, logits.dtype, logits.vocab, inverse_temperature, &result);
+            k.forward(row, logits.dtype, logits.vocab, inverse_temperature, inverse_temperature_wide, &result);
             if (result.non_finite) bad.report(r);
-            // The same float32 product the kernel formed, so lp and the backward agree.
-            const float target = load_logit(row, logits.dtype, targets[r]) * inverse_temperature;
-            logprob[r] = static_cast<float>(static_cast<double>(target) - result.lse);
+            // lp = s_y - log S with s_y formed as the kernel forms s: exact in relative terms as
+            // p_y -> 1, -Inf for a -Inf target logit. NaN for a row with NaN, +Inf or no finite entry.
+            const float target = load_logit(row, logits.dtype, targets[r]);
+            const float shifted = (target - result.max) * inverse_temperature;
+            logprob[r] = result.non_finite ? NAN : static_cast<float>(static_cast<double>(shifted) - result.log_sum);
             lse[r] = result.lse;
             if (entropy) entropy[r] = static_cast<float>(result.entropy);
         }
@@ -96,8 +99,8 @@ void token_logprob_forward(const LogitsView& logits, const int64_t* targets, dou
     if (check_finite && bad.any()) {
         const int64_t r = bad.get();
         fail(GSPO4J_ERROR_NON_FINITE, "logits row " + std::to_string(r) + " (batch " + std::to_string(r / logits.seq) +
-                                          ", position " + std::to_string(r % logits.seq) + ") holds NaN or Inf" +
-                                          (temperature != 1.0 ? " after division by the temperature" : ""));
+                                          ", position " + std::to_string(r % logits.seq) +
+                                          ") holds NaN or Inf: a NaN or +Inf, or no finite entry (-Inf entries are allowed)");
     }
 }
 
@@ -121,23 +124,28 @@ void token_logprob_backward(const LogitsView& logits, const int64_t* targets, do
             void* grad_row = grad_base + grad_offset * element;
             const int64_t y = targets[r];
             // Read before the row is overwritten when working in place.
-            const float target = load_logit(row, logits.dtype, y) * inverse_temperature;
+            const float target = load_logit(row, logits.dtype, y);
             const float g_lp = grad_logprob[r];
             const float g_h = grad_entropy ? grad_entropy[r] : 0.0f;
             const float h = grad_entropy ? entropy[r] : 0.0f;
-            const double row_lse = lse[r];
-            const float lse_hi = static_cast<float>(row_lse);
-            const float lse_lo = static_cast<float>(row_lse - static_cast<double>(lse_hi));
-            const double others = k.backward(row, grad_row, logits.dtype, logits.vocab, y, inverse_temperature, lse_hi,
-                                             lse_lo, g_lp, g_h, h);
+            // log p_v = (z_v - tau * lse) / tau, tau * lse = M + tau * log S split into two floats.
+            const double shift = lse[r] * temperature;
+            const float shift_hi = static_cast<float>(shift);
+            // What lies below fp64's resolution of tau * lse (|noise| <= 2^-51 |tau * lse|) is dropped:
+            // a row whose log S was lost in lse (|M / tau| of 1e22 and more) then still gives its max
+            // entries log p = 0 rather than the noise / tau.
+            const double low = shift - static_cast<double>(shift_hi);
+            const float shift_lo = std::fabs(low) <= std::fabs(shift) * 0x1p-50 ? 0.0f : static_cast<float>(low);
+            const double others = k.backward(row, grad_row, logits.dtype, logits.vocab, y, inverse_temperature, shift_hi,
+                                             shift_lo, g_lp, g_h, h);
             // The target's entry in float64 from 1 - p_y = sum of the other p_v: exact as p_y -> 1,
             // where 1 - p from a rounded p (bf16, or even float32) would give 0. For the same reason
-            // log p_y is log1p(-others) there: x_y - lse has lost the terms the forward's float32
-            // sum could not resolve next to 1.
-            const double lp = others < 0.5 ? std::log1p(-others) : static_cast<double>(target) - row_lse;
+            // log p_y is log1p(-others) there. A -Inf target logit: lp = -Inf, p_y = 0, and the
+            // entropy term is 0 (not 0 * -Inf), so dz_y = g_lp * 1 / tau.
+            const double lp = others < 0.5 ? std::log1p(-others) : (static_cast<double>(target) - shift) * inverse_temperature_wide;
             const double p = others < 0.5 ? 1.0 - others : std::exp(lp);
-            const double dz = (static_cast<double>(g_lp) * others - static_cast<double>(g_h) * p * (lp + static_cast<double>(h))) *
-                              inverse_temperature_wide;
+            const double entropy_term = p == 0.0 ? 0.0 : p * (lp + static_cast<double>(h));
+            const double dz = (static_cast<double>(g_lp) * others - static_cast<double>(g_h) * entropy_term) * inverse_temperature_wide;
             store_logit(grad_row, logits.dtype, y, dz);
         }
     });

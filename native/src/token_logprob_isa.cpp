@@ -71,77 +71,104 @@ inline void store_partial(typename Element<Dtype>::type* p, int64_t count, vf v)
     for (int64_t i = 0; i < count; ++i) p[i] = staged[i];
 }
 
-// Online softmax over blocks: the running sums S = sum e^(x - M) and T = sum e^(x - M)(x - M)
-// are kept in float64 relative to the running max M and rescaled when a block raises it.
-// Entropy as log S - T / S avoids the cancellation of lse - E[x] when logits are large.
+// Online softmax over blocks, relative to the running max M of the raw logits z (tau > 0, so
+// the max of z / tau is M / tau): s = (z - M) * (1 / tau) is formed after the subtraction, so
+// z - M is exact near the max (Sterbenz) and s keeps float32 precision even when |z / tau| is
+// large. The sum S = sum e^s is kept as c + R: c counts the elements equal to M (their term is
+// exactly 1) and R sums the terms below it, so R keeps its relative precision next to the 1s
+// (as p_y -> 1, lp = -log1p(R / c) and the entropy log S - T / S stay exact in relative terms).
+// T = sum e^s s. c, R and T are lanes per block, float64 across blocks, rescaled when a block
+// raises M. -Inf entries (and the -Inf padding lanes) have e^s = 0: they count in neither c nor
+// R, and s clamped at -88 (exp's own clamp, where e^s is 0) keeps them out of T (0 * -Inf would
+// be NaN); so do the finite entries whose z - M overflows (a max above ~1e38 / tau). A NaN logit
+// is found by the first pass (its e^s is NaN too).
 template <int Dtype>
-void forward_row(const void* row_pointer, int64_t vocab, float inverse_temperature, gspo4j::RowForward* out) {
+void forward_row(const void* row_pointer, int64_t vocab, float inverse_temperature, double inverse_temperature_wide,
+                 gspo4j::RowForward* out) {
     const auto* row = static_cast<const typename Element<Dtype>::type*>(row_pointer);
-    // Padding lanes hold -FLT_MAX rather than -Inf: e^(pad - M) is 0 and 0 * (pad - M) is 0,
-    // where -Inf would give 0 * -Inf = NaN.
-    const float pad = -FLT_MAX;
+    const float negative_infinity = -__builtin_inff();
     alignas(64) float block[kBlock];
-    double sum = 0.0;
+    double count = 0.0;
+    double rest = 0.0;
     double weighted = 0.0;
+    // The lowest float, not -Inf: a block of only -Inf then has s = -Inf and e^s = 0, where
+    // -Inf - -Inf would be NaN. A row at -FLT_MAX itself has M = -FLT_MAX and c = V.
     float running_max = -FLT_MAX;
     vu bad = vu{};
     for (int64_t start = 0; start < vocab; start += kBlock) {
-        const int64_t count = vocab - start < kBlock ? vocab - start : kBlock;
-        const int64_t full = count / kLanes * kLanes;
-        vf block_max = simd::broadcast(pad);
+        const int64_t count_here = vocab - start < kBlock ? vocab - start : kBlock;
+        const int64_t full = count_here / kLanes * kLanes;
+        vf block_max = simd::broadcast(-FLT_MAX);
         for (int64_t i = 0; i < full; i += kLanes) {
-            const vf x = load<Dtype>(row + start + i) * inverse_temperature;
-            bad |= simd::non_finite(x);
-            block_max = simd::max(block_max, x);
-            simd::store_f32(block + i, x);
+            const vf z = load<Dtype>(row + start + i);
+            bad |= simd::nan_or_positive_infinity(z);
+            block_max = simd::max(block_max, z);
+            simd::store_f32(block + i, z);
         }
         int64_t padded = full;
-        if (full < count) {
-            vf x = load_partial<Dtype>(row + start + full, count - full, 0.0f) * inverse_temperature;
-            for (int64_t i = count - full; i < kLanes; ++i) x[i] = pad;  // after scaling: pad / tau is -Inf
-            bad |= simd::non_finite(x);
-            block_max = simd::max(block_max, x);
-            simd::store_f32(block + full, x);
+        if (full < count_here) {
+            // Padding lanes are -Inf: like a banned entry they count for nothing.
+            const vf z = load_partial<Dtype>(row + start + full, count_here - full, negative_infinity);
+            bad |= simd::nan_or_positive_infinity(z);
+            block_max = simd::max(block_max, z);
+            simd::store_f32(block + full, z);
             padded += kLanes;
         }
         const float block_peak = simd::horizontal_max(block_max);
         const float new_max = block_peak > running_max ? block_peak : running_max;
-        vf lane_sum = vf{};
+        const vf peak = simd::broadcast(new_max);
+        simd::vi lane_count = simd::vi{};
+        vf lane_rest = vf{};
         vf lane_weighted = vf{};
         for (int64_t i = 0; i < padded; i += kLanes) {
-            const vf shifted = simd::load_f32(block + i) - new_max;
-            vf e = simd::exp(shifted);
-            if (i + kLanes > count) {
-                // The padding lanes past the row's end count for nothing, also when the row's max is
-                // -FLT_MAX itself (a row masked with the lowest float), where e^(pad - max) is 1.
-                simd::vi lane;
-                for (int l = 0; l < kLanes; ++l) lane[l] = l;
-                e = lane < static_cast<int32_t>(count - i) ? e : vf{};
-            }
-            lane_sum += e;
+            const vf z = simd::load_f32(block + i);
+            // s clamped at -88: a -Inf logit (or z - M overflowing) then has e^s = 0 and
+            // e^s s = 0 * -88 = 0, where 0 * -Inf would be NaN.
+            const vf shifted = simd::exp_argument(simd::rounded_product(z - peak, simd::broadcast(inverse_temperature)));
+            const vf e = simd::exp_core(shifted);
+            const simd::vi at_max = z == peak;  // all ones where z = M: e^0 = 1, counted apart
+            lane_count -= at_max;
+            lane_rest += (vf)(~(vu)at_max & (vu)e);
             lane_weighted += e * shifted;
         }
-        if (sum > 0.0 && new_max > running_max) {
-            const double delta = static_cast<double>(running_max) - static_cast<double>(new_max);
+        if (count > 0.0 && new_max > running_max) {
+            // The old max's elements join the rest.
+            const double delta =
+                (static_cast<double>(running_max) - static_cast<double>(new_max)) * static_cast<double>(inverse_temperature);
             const double factor = ::exp(delta);
-            weighted = factor * (weighted + delta * sum);
-            sum *= factor;
+            weighted = factor * (weighted + delta * (count + rest));
+            rest = factor * (rest + count);
+            count = 0.0;
         }
-        sum += simd::horizontal_sum(lane_sum);
+        for (int l = 0; l < kLanes; ++l) count += lane_count[l];
+        rest += simd::horizontal_sum(lane_rest);
         weighted += simd::horizontal_sum(lane_weighted);
         running_max = new_max;
     }
-    const double log_sum = ::log(sum);
-    out->lse = static_cast<double>(running_max) + log_sum;
-    out->entropy = log_sum - weighted / sum;
-    out->non_finite = simd::any(bad) || !(sum > 0.0) || sum != sum;
+    out->max = running_max;
+    if (simd::any(bad)) {
+        const double nan = __builtin_nan("");
+        out->log_sum = out->lse = out->entropy = nan;
+        out->non_finite = true;
+    } else if (!(count > 0.0)) {
+        // No finite entry: S = 0, there is no distribution.
+        out->log_sum = out->lse = static_cast<double>(negative_infinity);
+        out->entropy = __builtin_nan("");
+        out->non_finite = true;
+    } else {
+        const double log_sum = ::log(count) + ::log1p(rest / count);
+        out->log_sum = log_sum;
+        out->lse = static_cast<double>(running_max) * inverse_temperature_wide + log_sum;
+        out->entropy = log_sum - weighted / (count + rest);
+        out->non_finite = false;
+    }
 }
 
 // Returns sum_{v != y} p_v: the target's 1 - p_y, summed from the small terms so it keeps its
 // relative precision as p_y -> 1 (1 - p_y itself would cancel to 0 in float32).
 template <int Dtype>
 double backward_row(const void* row_pointer, void* grad_pointer, int64_t vocab, int64_t target,
-                    float inverse_temperature, float lse_hi, float lse_lo, float grad_logprob, float grad_entropy,
+                    float inverse_temperature, float shift_hi, float shift_lo, float grad_logprob, float grad_entropy,
                     float entropy) {
     typedef typename Element<Dtype>::type T;
     const T* row = static_cast<const T*>(row_pointer);
@@ -152,15 +179,19 @@ double backward_row(const void* row_pointer, void* grad_pointer, int64_t vocab, 
     simd::vi index;
     for (int i = 0; i < kLanes; ++i) index[i] = i;
     vf others = vf{};
-    // (x - hi) is exact for the entries that matter (x near lse, Sterbenz), so log p keeps
-    // float32 precision even when |x| is 1e4.
+    // log p = (z - tau * lse) / tau, the difference first: (z - hi) is exact for the entries that
+    // matter (z near the max, Sterbenz), so log p keeps float32 precision even when |z| is 1e4 or
+    // tau is 1e-6; the product is rounded on its own, never fused. At tau = 1 this is
+    // (z - lse_hi) - lse_lo.
     auto gradient = [&](vf z) {
-        const vf x = simd::rounded_product(z, simd::broadcast(inverse_temperature));
-        const vf log_p = (x - lse_hi) - lse_lo;
+        const vf log_p = simd::rounded_product((z - shift_hi) - shift_lo, simd::broadcast(inverse_temperature));
         const vf p = simd::exp(log_p);
         others += (index != target_index) & (index < vocab_index) ? p : vf{};
         index += kLanes;
-        const vf coefficient = grad_logprob + grad_entropy * (log_p + entropy);
+        // log p clamped at -88 in the coefficient only (exp's own clamp: p is 0 below -87): a -Inf
+        // logit (p = 0) then gets 0 * finite = 0, where 0 * -Inf would be NaN, and a NaN log p
+        // still reaches the result through p. The CUDA kernel clamps at -1e4.
+        const vf coefficient = grad_logprob + grad_entropy * (simd::exp_argument(log_p) + entropy);
         return -(p * coefficient) * inverse_temperature;
     };
     // Lane sums fold into float64 every block, as in the forward.
@@ -179,26 +210,27 @@ double backward_row(const void* row_pointer, void* grad_pointer, int64_t vocab, 
     return others_total + simd::horizontal_sum(others);
 }
 
-void forward_dispatch(const void* row, int32_t dtype, int64_t vocab, float inverse_temperature, gspo4j::RowForward* out) {
+void forward_dispatch(const void* row, int32_t dtype, int64_t vocab, float inverse_temperature, double inverse_temperature_wide,
+                      gspo4j::RowForward* out) {
     switch (dtype) {
-        case GSPO4J_BFLOAT16: forward_row<GSPO4J_BFLOAT16>(row, vocab, inverse_temperature, out); break;
-        case GSPO4J_FLOAT16: forward_row<GSPO4J_FLOAT16>(row, vocab, inverse_temperature, out); break;
-        default: forward_row<GSPO4J_FLOAT32>(row, vocab, inverse_temperature, out); break;
+        case GSPO4J_BFLOAT16: forward_row<GSPO4J_BFLOAT16>(row, vocab, inverse_temperature, inverse_temperature_wide, out); break;
+        case GSPO4J_FLOAT16: forward_row<GSPO4J_FLOAT16>(row, vocab, inverse_temperature, inverse_temperature_wide, out); break;
+        default: forward_row<GSPO4J_FLOAT32>(row, vocab, inverse_temperature, inverse_temperature_wide, out); break;
     }
 }
 
 double backward_dispatch(const void* row, void* grad, int32_t dtype, int64_t vocab, int64_t target,
-                         float inverse_temperature, float lse_hi, float lse_lo, float grad_logprob, float grad_entropy,
+                         float inverse_temperature, float shift_hi, float shift_lo, float grad_logprob, float grad_entropy,
                          float entropy) {
     switch (dtype) {
         case GSPO4J_BFLOAT16:
-            return backward_row<GSPO4J_BFLOAT16>(row, grad, vocab, target, inverse_temperature, lse_hi, lse_lo,
+            return backward_row<GSPO4J_BFLOAT16>(row, grad, vocab, target, inverse_temperature, shift_hi, shift_lo,
                                                  grad_logprob, grad_entropy, entropy);
         case GSPO4J_FLOAT16:
-            return backward_row<GSPO4J_FLOAT16>(row, grad, vocab, target, inverse_temperature, lse_hi, lse_lo,
+            return backward_row<GSPO4J_FLOAT16>(row, grad, vocab, target, inverse_temperature, shift_hi, shift_lo,
                                                 grad_logprob, grad_entropy, entropy);
         default:
-            return backward_row<GSPO4J_FLOAT32>(row, grad, vocab, target, inverse_temperature, lse_hi, lse_lo,
+            return backward_row<GSPO4J_FLOAT32>(row, grad, vocab, target, inverse_temperature, shift_hi, shift_lo,
                                                 grad_logprob, grad_entropy, entropy);
     }
 }

@@ -159,6 +159,22 @@ GSPO4J_API gspo4j_status gspo4j_loss_config_init(gspo4j_loss_config* config);
  * targets: int64[batch * seq], each in [0, vocab).
  * Writes logprob[r] = z_y/tau - lse, lse[r] (float64: the backward rebuilds p from it without
  * losing the target's precision) and, when entropy != NULL, entropy[r] = H, r = b*seq + t.
+ *
+ * Logit values (CPU and CUDA alike):
+ * - -Inf (a banned or padded vocabulary entry) is a value: p = 0, no share of lse or H, and a
+ *   gradient of exactly 0 in its column.
+ * - A target whose logit is -Inf gets lp = -Inf (exact: the token has probability 0), with lse
+ *   and H finite, and the backward gives it dz_y = g_lp / tau (d lp / d z_y = 1 - p_y = 1).
+ *   gspo4j_policy_loss and gspo4j_sequence_log_ratio reject such a counted token with checking
+ *   on (GSPO4J_ERROR_NON_FINITE naming logprob[i]); with checking off its log-ratio is clamped
+ *   to -R (no gradient through it) and the approx-KL metric is +Inf. An uncounted one
+ *   (m = 0) is harmless.
+ * - NaN, +Inf, and a row with no finite entry (all -Inf) are GSPO4J_ERROR_NON_FINITE with
+ *   check_finite. With it off, a row with NaN or +Inf gives NaN lse, lp and H, and a row of
+ *   only -Inf gives lse = -Inf and NaN lp and H (and a NaN gradient row from the backward).
+ * Precision: the max M of the raw z is subtracted before the division by tau, and the terms at
+ * the max are summed apart from the others, so lp, lse and H keep float32 relative precision
+ * at any temperature, for |z| up to 1e30 and as p_y -> 1 (lp of -1e-15 to a few ulps).
  */
 GSPO4J_API gspo4j_status gspo4j_token_logprob_forward(
     int32_t device, void* stream,
@@ -173,6 +189,10 @@ GSPO4J_API gspo4j_status gspo4j_token_logprob_forward(
  * one read of the logits row, one write of the gradient row in `dtype`. `lse` and `entropy`
  * are the forward's outputs (`entropy` is needed only when grad_entropy != NULL). grad_logits
  * has its own outer strides and may be the logits themselves (same strides) to work in place.
+ * -Inf logits get exactly 0 (see the forward). p is rebuilt from lse as
+ * exp((z_v - tau * lse) / tau), so its precision is bounded by float64's resolution of lse:
+ * float32 relative precision while |max z / tau| < ~1e9, a relative error of about
+ * |max z / tau| * 2^-52 beyond; a row whose unique max holds all the mass stays exact.
  */
 GSPO4J_API gspo4j_status gspo4j_token_logprob_backward(
     int32_t device, void* stream,

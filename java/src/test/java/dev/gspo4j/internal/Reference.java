@@ -19,44 +19,62 @@ final class Reference {
 
     // ---- token log-probs ---------------------------------------------------------------------
 
-    record Row(double lse, double logprob, double entropy) {}
+    /** One row's softmax; max = max z/tau and logSum = log sum exp(z/tau - max), lse = max + logSum. */
+    record Row(double lse, double logprob, double entropy, double max, double logSum) {}
 
+    /**
+     * -Inf logits have probability 0 and add nothing (not 0 * -Inf) to the entropy. The sum is
+     * split as c + R, c the entries at the max (exactly 1 each) and R the rest, so that R keeps
+     * its relative precision when p -> 1 (1 + R would round R away even in float64), and log p is
+     * formed as (z/tau - max) - log S, which keeps its precision when |z/tau| is large.
+     */
     static Row forward(double[] z, int offset, int vocab, int target, double temperature) {
         double max = Double.NEGATIVE_INFINITY;
         for (int v = 0; v < vocab; v++) {
             max = Math.max(max, z[offset + v] / temperature);
         }
-        // Neumaier-compensated: with one dominant logit, plain float64 summation rounds each tiny
-        // term against 1 and loses 1e-3 of 1 - p_y.
-        double sum = 0;
+        // R Neumaier-compensated: with one dominant logit, plain float64 summation rounds each
+        // tiny term against the larger ones.
+        double count = 0;
+        double rest = 0;
         double compensation = 0;
         for (int v = 0; v < vocab; v++) {
-            final double term = Math.exp(z[offset + v] / temperature - max);
-            final double t = sum + term;
-            compensation += Math.abs(sum) >= Math.abs(term) ? (sum - t) + term : (term - t) + sum;
-            sum = t;
+            final double shifted = z[offset + v] / temperature - max;
+            if (shifted == 0) {
+                count++;
+                continue;
+            }
+            final double term = Math.exp(shifted);
+            final double t = rest + term;
+            compensation += Math.abs(rest) >= Math.abs(term) ? (rest - t) + term : (term - t) + rest;
+            rest = t;
         }
-        sum += compensation;
-        final double lse = max + Math.log(sum);
+        rest += compensation;
+        final double logSum = Math.log(count) + Math.log1p(rest / count);
+        final double lse = max + logSum;
         double expectedShifted = 0;
         for (int v = 0; v < vocab; v++) {
             final double shifted = z[offset + v] / temperature - max;
-            expectedShifted += Math.exp(shifted) / sum * shifted;
+            final double p = Math.exp(shifted - logSum);
+            if (p > 0) {
+                expectedShifted += p * shifted;
+            }
         }
-        final double entropy = Math.log(sum) - expectedShifted;
-        return new Row(lse, z[offset + target] / temperature - lse, entropy);
+        final double entropy = logSum - expectedShifted;
+        return new Row(lse, (z[offset + target] / temperature - max) - logSum, entropy, max, logSum);
     }
 
-    /** dz = (g_lp (1[v==y] - p) - g_H p (log p + H)) / tau for one row. */
+    /** dz = (g_lp (1[v==y] - p) - g_H p (log p + H)) / tau for one row (no entropy term where p = 0). */
     static double[] backward(double[] z, int offset, int vocab, int target, double temperature, double gradLogprob,
             double gradEntropy) {
         final Row row = forward(z, offset, vocab, target, temperature);
         final double[] dz = new double[vocab];
         for (int v = 0; v < vocab; v++) {
-            final double logP = z[offset + v] / temperature - row.lse();
+            final double logP = (z[offset + v] / temperature - row.max()) - row.logSum();
             final double p = Math.exp(logP);
             final double oneHotMinusP = v == target ? -Math.expm1(logP) : -p;
-            dz[v] = (gradLogprob * oneHotMinusP - gradEntropy * p * (logP + row.entropy())) / temperature;
+            final double entropyTerm = p > 0 ? gradEntropy * p * (logP + row.entropy()) : 0;
+            dz[v] = (gradLogprob * oneHotMinusP - entropyTerm) / temperature;
         }
         return dz;
     }

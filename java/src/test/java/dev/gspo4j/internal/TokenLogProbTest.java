@@ -363,7 +363,8 @@ class TokenLogProbTest {
     @ParameterizedTest
     @EnumSource(LogitsDtype.class)
     void nonFiniteLogitsAreReportedWithTheirRow(LogitsDtype dtype) {
-        for (double poison : new double[] {Double.NaN, Double.POSITIVE_INFINITY, Double.NEGATIVE_INFINITY}) {
+        // NaN and +Inf are errors; -Inf is a value (below), but a row with no finite entry is an error.
+        for (double poison : new double[] {Double.NaN, Double.POSITIVE_INFINITY}) {
             final Case c = Case.random(dtype, 5, 300, 1.0, 1.0, 0.0, 8);
             c.logits[3 * 300 + 123] = poison;
             try (Pointer logits = NativeBuffers.logits(dtype, c.logits)) {
@@ -371,6 +372,207 @@ class TokenLogProbTest {
                 assertEquals(Gspo4jException.Status.NON_FINITE, e.status());
                 assertTrue(e.getMessage().contains("row 3"), e.getMessage());
             }
+        }
+        final Case c = Case.random(dtype, 5, 300, 1.0, 1.0, 0.0, 8);
+        java.util.Arrays.fill(c.logits, 2 * 300, 3 * 300, Double.NEGATIVE_INFINITY);
+        try (Pointer logits = NativeBuffers.logits(dtype, c.logits)) {
+            final Gspo4jException e = assertThrows(Gspo4jException.class, () -> forward(c, logits));
+            assertEquals(Gspo4jException.Status.NON_FINITE, e.status());
+            assertTrue(e.getMessage().contains("row 2") && e.getMessage().contains("no finite entry"), e.getMessage());
+        }
+    }
+
+    /** -Inf at the head (whole vectors), in a run, at the tail and at some targets, with checking on. */
+    static Case negativeInfinityCase(LogitsDtype dtype, int vocab, double temperature) {
+        final Case c = Case.random(dtype, 6, vocab, temperature, 2.0, 0.0, 41L + vocab);
+        for (int r = 0; r < c.rows; r++) {
+            final int base = r * vocab;
+            for (int v = 0; v < vocab; v++) {
+                if (v < 16 || (v >= vocab / 2 && v < vocab / 2 + 40) || v >= vocab - 2) {
+                    c.logits[base + v] = Double.NEGATIVE_INFINITY;
+                }
+            }
+            c.logits[base + 16 % vocab] = 1.0;  // a finite entry, whatever the vocabulary
+            c.targets[r] = switch (r) {
+                case 0 -> 0;                // a -Inf target at the head
+                case 1 -> vocab - 1;        // and at the tail
+                case 2 -> vocab / 2 + 7;    // and in the run
+                default -> Math.min(vocab - 3, 16 + r);
+            };
+        }
+        return c;
+    }
+
+    @ParameterizedTest
+    @EnumSource(LogitsDtype.class)
+    void negativeInfinityLogitsHaveProbabilityZero(LogitsDtype dtype) {
+        for (double temperature : new double[] {1.0, 0.7}) {
+            for (int vocab : new int[] {61, 1001}) {
+                final Case c = negativeInfinityCase(dtype, vocab, temperature);
+                try (Pointer logits = NativeBuffers.logits(dtype, c.logits)) {
+                    final Outputs got = forward(c, logits);
+                    assertExtremeForward(c, got);
+                    for (int r = 0; r < 3; r++) {
+                        assertEquals(Double.NEGATIVE_INFINITY, got.logprob()[r], "a -Inf target's log-prob");
+                        assertTrue(Double.isFinite(got.lse()[r]) && Double.isFinite(got.entropy()[r]), "finite lse and H");
+                    }
+                    for (boolean withEntropy : new boolean[] {true, false}) {
+                        final double[] grad = backward(c, logits, withEntropy, false);
+                        assertExtremeBackward(c, grad, withEntropy);
+                        for (int r = 0; r < c.rows; r++) {
+                            for (int v = 0; v < vocab; v++) {
+                                if (c.logits[r * vocab + v] == Double.NEGATIVE_INFINITY && v != c.targets[r]) {
+                                    assertTrue(grad[r * vocab + v] == 0, "the gradient of a -Inf logit is 0, got " + grad[r * vocab + v]);
+                                }
+                            }
+                            if (r < 3) {
+                                // d lp / d z_y = 1 - p_y = 1: g_lp / tau, no entropy term.
+                                final double want = Dtypes.round(dtype, (float) c.gradLogprob[r] / temperature);
+                                assertEquals(want, grad[r * vocab + (int) c.targets[r]], Math.abs(want) * (dtype == LogitsDtype.FLOAT32 ? 1e-6 : 1e-2), "a -Inf target's gradient");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    @ParameterizedTest
+    @EnumSource(LogitsDtype.class)
+    void aRowWithoutAFiniteEntryIsNaNWithCheckingOff(LogitsDtype dtype) {
+        final Case c = Case.random(dtype, 3, 101, 1.0, 1.0, 0.0, 5);
+        java.util.Arrays.fill(c.logits, 101, 202, Double.NEGATIVE_INFINITY);
+        try (Pointer logits = NativeBuffers.logits(dtype, c.logits);
+                LongPointer targets = NativeBuffers.longs(c.targets);
+                FloatPointer logprob = NativeBuffers.floats(c.rows, 0f);
+                DoublePointer lse = new DoublePointer(c.rows);
+                FloatPointer entropy = NativeBuffers.floats(c.rows, 0f);
+                FloatPointer gradLogprob = NativeBuffers.floats(c.gradLogprob)) {
+            final LogitsView view = LogitsView.packed(logits, dtype, c.rows, c.vocab);
+            Kernels.tokenLogProbForward(Device.CPU, null, view, targets, 1.0, false, logprob, lse, entropy);
+            assertEquals(Double.NEGATIVE_INFINITY, lse.get(1));
+            assertTrue(Float.isNaN(logprob.get(1)) && Float.isNaN(entropy.get(1)), "lp and H of a row of only -Inf are NaN");
+            assertTrue(Double.isFinite(lse.get(0)) && Double.isFinite(lse.get(2)), "the other rows are untouched by it");
+            Kernels.tokenLogProbBackward(Device.CPU, null, view, targets, 1.0, lse, entropy, gradLogprob, null, logits, 303, 101);
+            for (int v = 0; v < 101; v++) {
+                assertTrue(Double.isNaN(NativeBuffers.readLogit(dtype, logits, 101 + v)), "its gradient is NaN");
+                assertTrue(Double.isFinite(NativeBuffers.readLogit(dtype, logits, v)), "the other rows' gradients are finite");
+            }
+        }
+    }
+
+    // ---- Numerics at extremes (issue 12), in relative terms against the float64 reference ------------------
+
+    /**
+     * lp and H to 2e-5 of themselves (float32 s = (z - M) / tau carries |s| 2^-24 into each e^s,
+     * and nothing else may be lost: not the small terms next to the max's 1 as p -> 1, not z / tau
+     * rounded before the max is subtracted); lse to 2e-6 of |M / tau| + |log S|.
+     */
+    static void assertExtremeForward(Case c, Outputs got) {
+        for (int r = 0; r < c.rows; r++) {
+            final Reference.Row want = Reference.forward(c.logits, r * c.vocab, c.vocab, (int) c.targets[r], c.temperature);
+            assertRelative(want.logprob(), got.logprob()[r], 2e-5 * Math.abs(want.logprob()), "logprob", c, r);
+            assertRelative(want.lse(), got.lse()[r], 2e-6 * (Math.abs(want.max()) + Math.abs(want.logSum())), "lse", c, r);
+            assertRelative(want.entropy(), got.entropy()[r], 2e-5 * Math.abs(want.entropy()) + 1e-300, "entropy", c, r);
+        }
+    }
+
+    /** One rounding step of the dtype relative to each entry, plus 1e-6 of the row's largest. */
+    static void assertExtremeBackward(Case c, double[] got, boolean withEntropy) {
+        final double relative = switch (c.dtype) {
+            case FLOAT32 -> 1e-5;
+            case BFLOAT16 -> 1.0 / 128;
+            case FLOAT16 -> 1.0 / 1024;
+        };
+        final double floor = c.dtype == LogitsDtype.FLOAT16 ? 6e-8 : 1e-300;
+        for (int r = 0; r < c.rows; r++) {
+            final double[] want = Reference.backward(c.logits, r * c.vocab, c.vocab, (int) c.targets[r], c.temperature,
+                    (float) c.gradLogprob[r], withEntropy ? (float) c.gradEntropy[r] : 0);
+            double scale = 0;
+            for (double w : want) {
+                scale = Math.max(scale, Math.abs(w));
+            }
+            for (int v = 0; v < c.vocab; v++) {
+                final double g = got[r * c.vocab + v];
+                if (c.dtype == LogitsDtype.FLOAT16 && Math.abs(want[v]) >= 65520) {
+                    assertEquals(Math.copySign(Double.POSITIVE_INFINITY, want[v]), g, "past float16's range");
+                    continue;
+                }
+                assertClose(want[v], g, relative * Math.abs(want[v]) + 1e-6 * scale + floor, "grad", c, r, v);
+            }
+        }
+    }
+
+    static void assertRelative(double want, double got, double allowed, String what, Case c, int row) {
+        if (Double.isInfinite(want)) {
+            assertEquals(want, got, what + " row " + row);
+        } else {
+            assertClose(want, got, allowed, what, c, row, -1);
+        }
+    }
+
+    static Stream<Arguments> extremes() {
+        final List<Arguments> out = new ArrayList<>();
+        for (LogitsDtype dtype : LogitsDtype.values()) {
+            for (double temperature : new double[] {1e-6, 1e-3, 0.7, 1.0}) {
+                out.add(Arguments.of(dtype, temperature));
+            }
+        }
+        return out.stream();
+    }
+
+    /** z = 3 + tau * N(0, 2): s = (z - M) / tau is O(1) at every tau, near-ties ulps apart at 1e-6. */
+    @ParameterizedTest(name = "{0} tau={1}")
+    @MethodSource("extremes")
+    void nearTiesAtEveryTemperature(LogitsDtype dtype, double temperature) {
+        final Case c = Case.random(dtype, 7, 1001, temperature, 2.0 * temperature, 3.0, 3);
+        assertExtremes(c);
+    }
+
+    /** Logits around 1e4 at every temperature: z / tau rounded before the max is subtracted loses 5e-4 nats. */
+    @ParameterizedTest(name = "{0} tau={1}")
+    @MethodSource("extremes")
+    void largeLogitsAtEveryTemperature(LogitsDtype dtype, double temperature) {
+        final Case c = Case.random(dtype, 5, 1001, temperature, 3.0 * Math.max(temperature, 1e-3), 1e4, 4);
+        assertExtremes(c);
+    }
+
+    /** |z| up to 1e30 and maxima of 3e31 (float16: 6e4 and 65000); 1001 columns leave padding lanes. */
+    @ParameterizedTest(name = "{0} tau={1}")
+    @MethodSource("extremes")
+    void hugeLogits(LogitsDtype dtype, double temperature) {
+        final double range = dtype == LogitsDtype.FLOAT16 ? 6e4 : 1e30;
+        final Random random = new Random(5);
+        final int rows = 4, vocab = 1001;
+        final double[] z = new double[rows * vocab];
+        for (int i = 0; i < z.length; i++) {
+            z[i] = Dtypes.round(dtype, range * (2 * random.nextDouble() - 1));
+        }
+        final long[] y = {3, 500, 1000, 17};
+        for (int r = 0; r < rows; r++) {
+            z[r * vocab + (int) (r % 2 == 0 ? y[r] : (y[r] + 1) % vocab)] = Dtypes.round(dtype, dtype == LogitsDtype.FLOAT16 ? 65000 : 3e31);
+        }
+        assertExtremes(new Case(dtype, rows, vocab, temperature, z, y, random));
+    }
+
+    /** p -> 1, on the target (lp of -1e-8 and -4e-16 to their relative precision) and off it. */
+    @ParameterizedTest(name = "{0} tau={1}")
+    @MethodSource("extremes")
+    void dominantTargetsAndNonTargets(LogitsDtype dtype, double temperature) {
+        final Case c = Case.random(dtype, 4, 1001, temperature, temperature, 3.0, 6);
+        for (int r = 0; r < c.rows; r++) {
+            final double margin = r < 2 ? 18 : 40;
+            final int column = r % 2 == 0 ? (int) c.targets[r] : (int) (c.targets[r] + 1) % c.vocab;
+            c.logits[r * c.vocab + column] = Dtypes.round(dtype, 3 + margin * temperature);
+        }
+        assertExtremes(c);
+    }
+
+    static void assertExtremes(Case c) {
+        try (Pointer logits = NativeBuffers.logits(c.dtype, c.logits)) {
+            assertExtremeForward(c, forward(c, logits));
+            assertExtremeBackward(c, backward(c, logits, true, false), true);
+            assertExtremeBackward(c, backward(c, logits, false, false), false);
         }
     }
 
