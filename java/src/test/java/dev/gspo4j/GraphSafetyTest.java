@@ -133,6 +133,13 @@ class GraphSafetyTest {
                 }
                 assertEquals(before, FusedLogProbs.liveGraphs(), "iteration " + i);
             }
+            try (LossResult r = GRPO.compute(input(logits, targets, old, adv))) {
+                logits.set_requires_grad(false);
+                final IllegalStateException e = assertThrows(IllegalStateException.class, r::backward);
+                assertTrue(e.getMessage().contains("the logits no longer require grad"), e.getMessage());
+                logits.set_requires_grad(true);
+                assertEquals(before, FusedLogProbs.liveGraphs(), "a refused backward registers nothing");
+            }
             try (LossResult r = GRPO.compute(input(logits, targets, old, adv)); InferenceMode inference = new InferenceMode()) {
                 final IllegalStateException e = assertThrows(IllegalStateException.class, r::loss);
                 assertTrue(e.getMessage().contains("inference mode"), e.getMessage());

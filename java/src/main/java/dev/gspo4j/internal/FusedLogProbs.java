@@ -344,6 +344,10 @@ public final class FusedLogProbs implements AutoCloseable {
             throw new IllegalStateException("loss() cannot build its autograd graph in inference mode (c10::InferenceMode): "
                     + "call loss() outside the InferenceMode guard, or use lossValue() for the value");
         }
+        if (!callerLogits.requires_grad()) {
+            throw new IllegalStateException("the logits no longer require grad (requires_grad_(false) after compute()): there is "
+                    + "nothing to send the gradient to");
+        }
         final List<Pointer> made = new ArrayList<>();
         Tensor loss = null;
         boolean built = false;
