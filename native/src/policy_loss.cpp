@@ -20,7 +20,8 @@ void require_finite(const float* values, const char* name, int64_t index) {
     if (values && !std::isfinite(values[index])) {
         // A log-prob of -Inf is what the token log-prob forward gives a target whose logit is -Inf
         // (a banned or padded vocabulary entry): the counted token had probability 0.
-        const bool impossible_token = values[index] < 0 && std::string(name).find("logprob") != std::string::npos;
+        // Only the policy's own log-probs: a caller's old or reference log-prob of -Inf is just bad input.
+        const bool impossible_token = values[index] < 0 && std::string(name) == "logprob";
         fail(GSPO4J_ERROR_NON_FINITE, std::string(name) + "[" + std::to_string(index) + "] = " +
                                           std::to_string(values[index]) + " is not finite" +
                                           (impossible_token ? " (a counted token of probability 0: its logit is -Inf)" : ""));

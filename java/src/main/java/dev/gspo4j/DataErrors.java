@@ -19,7 +19,7 @@ import org.bytedeco.pytorch.global.torch.ScalarType;
  */
 final class DataErrors {
     private static final String CUDA_PREFIX = "a CUDA kernel found ";
-    private static final Pattern ARRAY_NOT_FINITE = Pattern.compile("(\\w+)\\[(\\d+)\\]( = \\S+)? is not finite");
+    private static final Pattern ARRAY_NOT_FINITE = Pattern.compile("(\\w+)\\[(\\d+)\\]( = \\S+)? is not finite.*");
     private static final Pattern TARGET_OUT_OF_RANGE = Pattern.compile("targets\\[(\\d+)\\].* is outside the vocabulary.*");
     private static final Pattern LOGITS_NOT_FINITE = Pattern.compile("logits row (\\d+)\\b.* holds NaN or Inf.*");
     private static final Pattern OFFSETS = Pattern.compile("offsets(\\[| must not decrease).*");
@@ -124,6 +124,12 @@ final class DataErrors {
                     + " has 1: RLOO's baseline is the mean of the others; MEAN or MEAN_STD give a group of one 0";
         }
         match = ARRAY_NOT_FINITE.matcher(m);
+        if (match.matches() && match.group(1).equals("logprob") && !names.containsKey("logprob")) {
+            // The forward's own log-prob: -Inf for a counted token whose target logit is -Inf.
+            return "the log-prob of targets" + tokenIndex(Long.parseLong(match.group(2)), "")
+                    + " is not finite: a counted token whose target logit is -Inf (probability 0) or NaN;"
+                    + " mask that position or fix the targets" + finiteHint;
+        }
         if (match.matches() && names.containsKey(match.group(1))) {
             final Name name = names.get(match.group(1));
             final long index = Long.parseLong(match.group(2));

@@ -262,7 +262,7 @@ public final class CudaEmulatorProbe {
     /**
      * Values of one forward and the gradients of its three backward paths: {@code backward()},
      * {@code loss().backward()} and {@code backward(0.5)} (the scale multiplies dL/dlp on the
-     * device). One forward for all three: on the emulator the policy loss's kernels, four passes
+     * device). One forward for the first, one more for each other path: on the emulator the policy loss's kernels, four passes
      * of wide CTAs with a dozen block reductions, cost more than the rest of the case.
      */
     private static Outcome run(PolicyLoss loss, Inputs inputs, ScalarType type, boolean tokenAdvantages, boolean onPolicy) {
@@ -271,10 +271,13 @@ public final class CudaEmulatorProbe {
                 LossResult result = loss.compute(inputs.input(logits, tokenAdvantages, onPolicy))) {
             assertTrue(result.differentiable());
             for (int path = 0; path < 3; path++) {
-                switch (path) {
-                    case 0 -> result.backward();
-                    case 1 -> result.loss().backward();
-                    default -> result.backward(0.5);
+                // One backward per result (a second one is refused): paths 1 and 2 compute again.
+                try (LossResult again = path == 0 ? null : loss.compute(inputs.input(logits, tokenAdvantages, onPolicy))) {
+                    switch (path) {
+                        case 0 -> result.backward();
+                        case 1 -> again.loss().backward();
+                        default -> again.backward(0.5);
+                    }
                 }
                 try (Tensor grad = leaf.grad(); Tensor slot = leaf.mutable_grad()) {
                     gradients[path] = grad.clone();
