@@ -234,6 +234,16 @@ public final class LossResult implements AutoCloseable {
             }
         }
 
+        /** Runs one backward overload with close() held off until it returns. */
+        private void guarded(Runnable backward) {
+            enter();
+            try {
+                backward.run();
+            } finally {
+                leave();
+            }
+        }
+
         @Override
         public void close() {
             final boolean free;
@@ -251,83 +261,43 @@ public final class LossResult implements AutoCloseable {
 
         @Override
         public void backward() {
-            enter();
-            try {
-                super.backward();
-            } finally {
-                leave();
-            }
+            guarded(() -> super.backward());
         }
 
         @Override
         public void backward(Tensor gradient, BoolOptional retainGraph, boolean createGraph, TensorArrayRefOptional inputs) {
-            enter();
-            try {
-                super.backward(gradient, retainGraph, createGraph, inputs);
-            } finally {
-                leave();
-            }
+            guarded(() -> super.backward(gradient, retainGraph, createGraph, inputs));
         }
 
         @Override
         public void _backward(TensorArrayRef inputs, TensorOptional gradient, BoolOptional retainGraph, boolean createGraph) {
-            enter();
-            try {
-                super._backward(inputs, gradient, retainGraph, createGraph);
-            } finally {
-                leave();
-            }
+            guarded(() -> super._backward(inputs, gradient, retainGraph, createGraph));
         }
 
         @Override
         public void _backward(TensorVector inputs, TensorOptional gradient, BoolOptional retainGraph, boolean createGraph) {
-            enter();
-            try {
-                super._backward(inputs, gradient, retainGraph, createGraph);
-            } finally {
-                leave();
-            }
+            guarded(() -> super._backward(inputs, gradient, retainGraph, createGraph));
         }
 
         @Override
         public void __dispatch__backward(TensorArrayRef inputs, TensorOptional gradient, BoolOptional retainGraph,
                 boolean createGraph) {
-            enter();
-            try {
-                super.__dispatch__backward(inputs, gradient, retainGraph, createGraph);
-            } finally {
-                leave();
-            }
+            guarded(() -> super.__dispatch__backward(inputs, gradient, retainGraph, createGraph));
         }
 
         @Override
         public void __dispatch__backward(TensorArrayRef inputs) {
-            enter();
-            try {
-                super.__dispatch__backward(inputs);
-            } finally {
-                leave();
-            }
+            guarded(() -> super.__dispatch__backward(inputs));
         }
 
         @Override
         public void __dispatch__backward(TensorVector inputs, TensorOptional gradient, BoolOptional retainGraph, boolean createGraph) {
-            enter();
-            try {
-                super.__dispatch__backward(inputs, gradient, retainGraph, createGraph);
-            } finally {
-                leave();
-            }
+            guarded(() -> super.__dispatch__backward(inputs, gradient, retainGraph, createGraph));
         }
 
         @Override
         public void __dispatch__backward(TensorVector inputs) {
-            enter();
-            try {
-                super.__dispatch__backward(inputs);
-            } finally {
-                leave();
-            }
+            guarded(() -> super.__dispatch__backward(inputs));
         }
     }
 }

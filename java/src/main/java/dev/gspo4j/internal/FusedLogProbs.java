@@ -175,7 +175,7 @@ public final class FusedLogProbs implements AutoCloseable {
         this.callerLogits = new Tensor(logits);
         this.logits = logits.detach();
         this.logitsShape = Tensors.shape(logits);
-        this.logitsStrides = strides(logits);
+        this.logitsStrides = Tensors.strides(logits);
         this.logitsStorageOffset = logits.storage_offset();
         this.logitsAddress = address(logits);
         this.logitsVersion = logits._version();
@@ -229,7 +229,7 @@ public final class FusedLogProbs implements AutoCloseable {
      */
     public void checkUnchanged() {
         final long[] shape = Tensors.shape(callerLogits);
-        final long[] strides = strides(callerLogits);
+        final long[] strides = Tensors.strides(callerLogits);
         final long offset = callerLogits.storage_offset();
         final long address = address(callerLogits);
         if (!Arrays.equals(shape, logitsShape) || !Arrays.equals(strides, logitsStrides) || offset != logitsStorageOffset
@@ -242,7 +242,7 @@ public final class FusedLogProbs implements AutoCloseable {
                     + "changing them, or call compute() after the change");
         }
         // Nobody else holds the saved alias; checked anyway, since the kernel trusts it.
-        if (!Arrays.equals(Tensors.shape(logits), logitsShape) || !Arrays.equals(strides(logits), logitsStrides)
+        if (!Arrays.equals(Tensors.shape(logits), logitsShape) || !Arrays.equals(Tensors.strides(logits), logitsStrides)
                 || address(logits) != logitsAddress) {
             throw new IllegalStateException("gspo4j's saved alias of the logits changed (a gspo4j bug)");
         }
@@ -469,14 +469,6 @@ public final class FusedLogProbs implements AutoCloseable {
     /** Live graphs whose hooks are still registered (for tests of the release logic). */
     public static int liveGraphs() {
         return LIVE_GRAPHS.size();
-    }
-
-    private static long[] strides(Tensor t) {
-        final long[] out = new long[(int) t.dim()];
-        for (int i = 0; i < out.length; i++) {
-            out[i] = t.stride(i);
-        }
-        return out;
     }
 
     private static long address(Tensor t) {

@@ -53,6 +53,14 @@ public final class Tensors {
         return out;
     }
 
+    public static long[] strides(Tensor t) {
+        final long[] out = new long[(int) t.dim()];
+        for (int i = 0; i < out.length; i++) {
+            out[i] = t.stride(i);
+        }
+        return out;
+    }
+
     /** The kernels' name for a logits dtype, or null when they do not read it. */
     public static LogitsDtype logitsDtype(ScalarType type) {
         return switch (type.intern()) {
