@@ -124,11 +124,10 @@ final class DataErrors {
                     + " has 1: RLOO's baseline is the mean of the others; MEAN or MEAN_STD give a group of one 0";
         }
         match = ARRAY_NOT_FINITE.matcher(m);
-        if (match.matches() && match.group(1).equals("logprob") && !names.containsKey("logprob")) {
+        if (match.matches() && match.group(1).equals("logprob")) {
             // The forward's own log-prob: -Inf for a counted token whose target logit is -Inf.
             return "the log-prob of targets" + tokenIndex(Long.parseLong(match.group(2)), "")
-                    + " is not finite: a counted token whose target logit is -Inf (probability 0) or NaN;"
-                    + " mask that position or fix the targets" + finiteHint;
+                    + " is not finite: a counted token whose target logit is -Inf (probability 0) or NaN" + finiteHint;
         }
         if (match.matches() && names.containsKey(match.group(1))) {
             final Name name = names.get(match.group(1));

@@ -36,9 +36,14 @@ public final class CompositeLoss {
             Tensor refLogProbs, Tensor advantages, boolean tokenAdvantages) {
         final ScalarType type = logits.scalar_type();
         final Tensor logSoftmax = logits.div(sc(temperature)).log_softmax(-1);
-        final Tensor lp = logSoftmax.gather(-1, targets.unsqueeze(-1)).squeeze(-1);
-        final Tensor entropy = logSoftmax.exp().mul(logSoftmax).sum(new long[] {-1}).neg();
+        final Tensor tokenLogProbs = logSoftmax.gather(-1, targets.unsqueeze(-1)).squeeze(-1);
+        // A -Inf logit has p = 0 and adds 0 to the entropy: p * log p with log p floored at a finite
+        // value, so 0 * -Inf never makes a NaN (in the value or, through exp, in the gradient).
+        final Tensor entropy = logSoftmax.exp().mul(logSoftmax.clamp(s(-Double.MAX_VALUE), new ScalarOptional())).sum(new long[] {-1}).neg();
         final Tensor m = mask.to(type);
+        // Masked tokens take no part: a masked -Inf log-prob (its target logit -Inf) must not
+        // reach 0 * -Inf below; masked_fill gives those positions no gradient either.
+        final Tensor lp = tokenLogProbs.masked_fill(m.eq(sc(0)), sc(0));
         final Tensor olp = oldLogProbs == null ? lp.detach() : oldLogProbs.to(type);
         final Tensor adv = advantages.to(type);
         final Tensor lengths = m.sum(new long[] {1});
@@ -75,8 +80,9 @@ public final class CompositeLoss {
                 ratio = lp.sub(olp).clamp(s(-r), s(r)).exp();
             } else {
                 final Tensor logS = m.mul(lp.sub(olp)).sum(new long[] {1}).div(lengths.clamp(s(1), new ScalarOptional()));
-                final Tensor sb = logS.clamp(s(-r), s(r)).exp().detach();
-                ratio = sb.unsqueeze(1).mul(lp.sub(lp.detach()).exp());
+                // log s_bt = sg(log s_b) + lp - sg(lp), clamped as a whole (as verl clamps it): the
+                // value is s_b's, and outside [-R, R] the token's gradient is 0 like any clamped ratio.
+                ratio = logS.detach().unsqueeze(1).add(lp.sub(lp.detach())).clamp(s(-r), s(r)).exp();
             }
             surrogate = weight.mul(objective(st, ratio, a)).sum();
         }
@@ -93,7 +99,7 @@ public final class CompositeLoss {
         if (st.entropyCoef() != 0) {
             loss = loss.sub(weight.mul(entropy).sum().mul(sc(st.entropyCoef())));
         }
-        return new Output(loss, lp.detach(), entropy.detach());
+        return new Output(loss, tokenLogProbs.detach(), entropy.detach());
     }
 
     static Tensor objective(LossSettings st, Tensor ratio, Tensor advantage) {

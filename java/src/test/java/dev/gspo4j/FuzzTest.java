@@ -42,6 +42,8 @@ class FuzzTest {
         boolean packed;
         boolean strided;
         String mutation = "none";
+        /** Set when the mutation's random data turned out invalid (negInfLogits decides only while placing). */
+        boolean invalidData;
         PolicyLoss.Builder builder;
         String module;
 
@@ -75,7 +77,7 @@ class FuzzTest {
 
     static final String[] MUTATIONS = {"dtype", "rank", "targetShape", "targetType", "targetRange", "logitsNaN", "oldNaN",
         "advantageNaN", "maskValue", "advantageShape", "klWithoutRef", "gspoTokenAdvantages", "lastStride", "device",
-        "offsets", "option"};
+        "offsets", "option", "inPlaceLogits", "inPlaceTargets", "negInfLogits", "negBit", "extremeTemperature"};
 
     static void lossCall(Random random, String label, int[] counts) {
         final LossCase c = new LossCase(random);
@@ -161,8 +163,18 @@ class FuzzTest {
             case "gspoTokenAdvantages" -> module == 0;
             case "offsets" -> c.packed;
             case "advantageShape" -> true;
+            // Valid data the kernels must take as it is (compared with the composite below).
+            case "negBit", "extremeTemperature" -> false;
+            // Decided in runLoss: valid unless a -Inf lands on a counted target or fills a row.
+            case "negInfLogits" -> false;
+            // Differentiable results refuse a backward after the change (IllegalStateException).
+            case "inPlaceLogits", "inPlaceTargets" -> false;
             default -> true;
         };
+        if (c.mutation.equals("extremeTemperature")) {
+            // The ends of the accepted range [1e-4, 1e4] and a decade inside each.
+            c.builder.temperature(new double[] {1e-4, 1e-3, 1e3, 1e4}[random.nextInt(4)]);
+        }
         if (c.mutation.equals("gspoTokenAdvantages") && module == 0) {
             c.tokenAdvantages = true;
             c.advantages = new double[n];
@@ -174,7 +186,7 @@ class FuzzTest {
             }
             runLoss(c, kl && !c.mutation.equals("klWithoutRef"), label, expectError, counts);
         } catch (IllegalArgumentException e) {
-            if (!expectError) {
+            if (!expectError && !c.invalidData) {
                 throw new AssertionError(label + " (" + c.module + ", mutation " + c.mutation + ") rejected a valid case: " + e.getMessage(), e);
             }
             assertTrue(e.getMessage() != null && e.getMessage().length() > 10, label + ": message too thin: " + e.getMessage());
@@ -203,7 +215,8 @@ class FuzzTest {
         }
     }
 
-    static void runLoss(LossCase c, boolean withRef, String label, boolean expectError, int[] counts) {
+    static void runLoss(LossCase c, boolean withRef, String label, boolean expectErrorIn, int[] counts) {
+        boolean expectError = expectErrorIn;
         final int n = c.b * c.t;
         final List<Tensor> owned = new ArrayList<>();
         try {
@@ -211,6 +224,10 @@ class FuzzTest {
             Tensor logitsBase = own(owned, floats(c.logits, c.b, c.t, c.v));
             if (m.equals("logitsNaN") && c.logits.length > 0) {
                 logitsBase.reshape(-1).data_ptr_float().put(c.random.nextInt(c.logits.length), c.random.nextBoolean() ? Float.NaN : Float.POSITIVE_INFINITY);
+            }
+            if (m.equals("negInfLogits") && c.logits.length > 0) {
+                c.invalidData = placeNegativeInfinities(c, logitsBase);
+                expectError |= c.invalidData;
             }
             final ScalarType type = m.equals("dtype") ? (c.random.nextBoolean() ? ScalarType.Double : ScalarType.Int) : c.type;
             Tensor logits;
@@ -263,9 +280,15 @@ class FuzzTest {
                 }
             }
             final Tensor mask = own(owned, floats(maskValues, c.b, c.t));
-            final Tensor oldTensor = own(owned, floats(old, c.b, c.t));
-            final Tensor ref = own(owned, floats(c.ref, c.b, c.t));
+            Tensor oldTensor = own(owned, floats(old, c.b, c.t));
+            Tensor ref = own(owned, floats(c.ref, c.b, c.t));
             Tensor adv = own(owned, c.tokenAdvantages ? floats(advantages, c.b, c.t) : floats(advantages, c.b));
+            if (m.equals("negBit")) {
+                // libtorch's lazy negation: the values are the same, the memory holds their negatives.
+                oldTensor = negBitView(owned, oldTensor);
+                ref = negBitView(owned, ref);
+                adv = negBitView(owned, adv);
+            }
             if (m.equals("advantageShape")) {
                 adv = own(owned, floats(new double[c.b + 1], c.b + 1));
                 c.tokenAdvantages = false;
@@ -312,6 +335,11 @@ class FuzzTest {
             final PolicyLoss loss = c.builder.build();
             final boolean direct = c.random.nextBoolean();
             try (LossResult result = loss.compute(input.build())) {
+                if ((m.equals("inPlaceLogits") || m.equals("inPlaceTargets")) && !expectError) {
+                    checkInPlaceRefused(c, result, logits, targets, direct, label);
+                    counts[1]++;
+                    return;
+                }
                 if (result.differentiable()) {
                     if (direct) {
                         result.backward();
@@ -332,6 +360,80 @@ class FuzzTest {
         }
     }
 
+    /**
+     * Writes -Inf (a banned or padded vocabulary entry) over some logits and says whether the case
+     * became invalid: a counted token whose target logit is -Inf has probability 0, and a row of
+     * nothing but -Inf has no distribution. Anything else is valid data.
+     */
+    static boolean placeNegativeInfinities(LossCase c, Tensor logitsBase) {
+        final int n = c.b * c.t;
+        final float[] values = new float[n * c.v];
+        boolean invalid = false;
+        try (Tensor flat = logitsBase.reshape(-1)) {
+            flat.data_ptr_float().get(values);
+            final boolean wholeRow = c.random.nextInt(8) == 0;
+            final boolean onTarget = c.random.nextInt(6) == 0;
+            for (int row = 0; row < n; row++) {
+                if (c.random.nextBoolean()) {
+                    continue;
+                }
+                final int target = (int) c.targets[row];
+                for (int k = 0; k < c.v; k++) {
+                    final boolean hit = wholeRow || (k == target ? onTarget : c.random.nextInt(3) == 0);
+                    if (hit) {
+                        values[row * c.v + k] = Float.NEGATIVE_INFINITY;
+                    }
+                }
+                boolean allNegativeInfinity = true;
+                for (int k = 0; k < c.v; k++) {
+                    allNegativeInfinity &= values[row * c.v + k] == Float.NEGATIVE_INFINITY;
+                }
+                invalid |= allNegativeInfinity || (c.mask[row] != 0 && values[row * c.v + target] == Float.NEGATIVE_INFINITY);
+            }
+            flat.data_ptr_float().put(values);
+        }
+        return invalid;
+    }
+
+    static Tensor negBitView(List<Tensor> owned, Tensor values) {
+        final Tensor negated = own(owned, values.neg());
+        final Tensor view = own(owned, negated._neg_view());
+        assertTrue(view.is_neg());
+        return view;
+    }
+
+    /**
+     * An in-place change to what the backward reads (the logits, or int64 targets), made after
+     * compute() under NoGradGuard as an optimiser step or a data loader would: the backward must
+     * refuse it as libtorch's "modified by an inplace operation" does, and leave no gradient.
+     */
+    static void checkInPlaceRefused(LossCase c, LossResult result, Tensor logits, Tensor targets, boolean direct, String label) {
+        final String what = label + " (" + c.module + ", mutation " + c.mutation + (direct ? ", direct" : ", graph") + ")";
+        // mul_ and fill_ return the tensor itself (a reference JavaCPP does not own): nothing to close.
+        try (org.bytedeco.pytorch.NoGradGuard guard = new org.bytedeco.pytorch.NoGradGuard(); Scalar three = new Scalar(3.0);
+                Scalar zero = new Scalar(0)) {
+            if (c.mutation.equals("inPlaceLogits")) {
+                logits.mul_(three);
+            } else {
+                targets.fill_(zero);
+            }
+        }
+        if (!result.differentiable()) {
+            return;
+        }
+        try {
+            if (direct) {
+                result.backward();
+            } else {
+                result.loss().backward();
+            }
+            fail(what + ": a backward after an in-place change ran");
+        } catch (IllegalStateException e) {
+            assertTrue(e.getMessage() != null && e.getMessage().contains("in-place"), what + ": message " + e.getMessage());
+        }
+        assertTrue(!logits.grad().defined() || PolicyLossModuleTest.maxAbs(logits.grad()) == 0, what + ": gradient written");
+    }
+
     static Tensor own(List<Tensor> owned, Tensor t) {
         owned.add(t);
         return t;
@@ -339,7 +441,8 @@ class FuzzTest {
 
     static void checkAgainstComposite(LossCase c, PolicyLoss loss, Tensor logits, Tensor targets, Tensor mask, Tensor old, Tensor ref,
             Tensor adv, LossResult result, String label) {
-        final String what = label + " (" + c.module + " " + c.type + (c.packed ? " packed" : "") + (c.strided ? " strided" : "") + ")";
+        final String what = label + " (" + c.module + " " + c.type + (c.packed ? " packed" : "") + (c.strided ? " strided" : "")
+                + (c.mutation.equals("none") ? "" : ", mutation " + c.mutation) + ", temperature " + loss.temperature() + ")";
         final boolean anyCounted = Arrays.stream(c.mask).anyMatch(m -> m != 0);
         final float value = result.lossValue().item_float();
         assertTrue(Float.isFinite(value), what + ": loss " + value);
