@@ -21,9 +21,10 @@ import org.bytedeco.pytorch.TensorVector;
  * logits' shape, strides or storage after {@code compute()} ({@code set_}, {@code as_strided_},
  * {@code resize_}), or modifying in place the logits, the int64 targets or (with an entropy term)
  * the tensor {@link #entropy()} returned, makes either backward path fail with an {@link
- * IllegalStateException} naming the tensor, instead of computing a wrong gradient. Inside {@code
- * loss().backward()} libtorch reports that exception as a {@code RuntimeException} whose message
- * starts with {@code java.lang.IllegalStateException}.
+ * IllegalStateException} naming the tensor, instead of computing a wrong gradient. {@code
+ * loss().backward()} throws that exception itself; a backward from a tensor computed from {@code
+ * loss()} (such as {@code loss().mul(2).backward()}) gets it as libtorch's engine reports it, a
+ * {@code RuntimeException} whose message starts with {@code java.lang.IllegalStateException}.
  *
  * <p>Double backward is not supported: the gradient comes from the fused kernel, outside autograd,
  * so it has no graph of its own; a backward with {@code create_graph=true} through {@link #loss()}
@@ -63,9 +64,10 @@ public final class LossResult implements AutoCloseable {
     public synchronized Tensor loss() {
         ensureOpen();
         if (loss == null) {
-            final Tensor built = fused == null ? new Tensor(lossValue) : fused.copy().attach(lossValue);
+            final FusedLogProbs graph = fused == null ? null : fused.copy();
+            final Tensor built = graph == null ? new Tensor(lossValue) : graph.attach(lossValue);
             try {
-                loss = new GraphLoss(built);
+                loss = new GraphLoss(built, graph);
             } finally {
                 built.close();
             }
@@ -211,9 +213,13 @@ public final class LossResult implements AutoCloseable {
     private static final class GraphLoss extends Tensor {
         private int running;
         private boolean closeRequested;
+        // The graph's holder, owned by the graph (never closed here): read for the exception its
+        // hook threw, which libtorch's engine reports only as a RuntimeException with its text.
+        private final FusedLogProbs graph;
 
-        GraphLoss(Tensor loss) {
+        GraphLoss(Tensor loss, FusedLogProbs graph) {
             super(loss);
+            this.graph = graph;
         }
 
         private synchronized void enter() {
@@ -239,6 +245,9 @@ public final class LossResult implements AutoCloseable {
             enter();
             try {
                 backward.run();
+            } catch (RuntimeException e) {
+                final RuntimeException cause = graph == null ? null : graph.hookFailure();
+                throw cause != null ? cause : e;
             } finally {
                 leave();
             }

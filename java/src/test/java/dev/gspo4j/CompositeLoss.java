@@ -37,9 +37,10 @@ public final class CompositeLoss {
         final ScalarType type = logits.scalar_type();
         final Tensor logSoftmax = logits.div(sc(temperature)).log_softmax(-1);
         final Tensor tokenLogProbs = logSoftmax.gather(-1, targets.unsqueeze(-1)).squeeze(-1);
-        // A -Inf logit has p = 0 and adds 0 to the entropy: p * log p with log p floored at a finite
-        // value, so 0 * -Inf never makes a NaN (in the value or, through exp, in the gradient).
-        final Tensor entropy = logSoftmax.exp().mul(logSoftmax.clamp(s(-Double.MAX_VALUE), new ScalarOptional())).sum(new long[] {-1}).neg();
+        // A -Inf logit has p = 0 and adds 0 to the entropy: p * log p with log p's -Inf replaced by
+        // the dtype's lowest finite value (nan_to_num, whose gradient there is 0), so 0 * -Inf never
+        // makes a NaN in the value or the gradient.
+        final Tensor entropy = logSoftmax.exp().mul(logSoftmax.nan_to_num()).sum(new long[] {-1}).neg();
         final Tensor m = mask.to(type);
         // Masked tokens take no part: a masked -Inf log-prob (its target logit -Inf) must not
         // reach 0 * -Inf below; masked_fill gives those positions no gradient either.

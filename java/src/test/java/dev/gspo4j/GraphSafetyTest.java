@@ -213,10 +213,19 @@ class GraphSafetyTest {
                 assertTrue(e.getMessage().contains("loss().backward() already sent this loss's gradient"), e.getMessage());
             }
             try (LossResult r = GRPO.compute(input(logits, targets, old, adv))) {
-                r.backward(0.5);
+                r.backward();
+                final IllegalStateException e = assertThrows(IllegalStateException.class, () -> r.loss().backward());
+                assertTrue(e.getMessage().contains("LossResult.backward() already sent this loss's gradient"), e.getMessage());
             }
-            try (Tensor want = once.mul(new Scalar(2.5))) {
-                PolicyLossModuleTest.assertClose(want, logits.grad(), 1e-6, 1e-9, "1 + 1 + 0.5 gradients accumulated");
+            try (LossResult r = GRPO.compute(input(logits, targets, old, adv))) {
+                // The graph built first, the direct path run, then the graph's backward: still refused.
+                final Tensor graph = r.loss();
+                r.backward(0.5);
+                final IllegalStateException e = assertThrows(IllegalStateException.class, graph::backward);
+                assertTrue(e.getMessage().contains("LossResult.backward() already sent this loss's gradient"), e.getMessage());
+            }
+            try (Tensor want = once.mul(new Scalar(3.5))) {
+                PolicyLossModuleTest.assertClose(want, logits.grad(), 1e-6, 1e-9, "1 + 1 + 1 + 0.5 gradients accumulated, the refused ones none");
             }
         }
     }

@@ -136,6 +136,11 @@ public final class FusedLogProbs implements AutoCloseable {
     private final Tensor gradEntropy;
     // Shared by the result's holder and every graph made from it: whether a gradient was sent.
     private final AtomicBoolean gradientSent;
+    // Shared by every copy: whether the direct path (LossResult.backward) ran. A graph from loss()
+    // then refuses its backward, which would add the same gradient a second time.
+    private final AtomicBoolean directSent;
+    // This copy is the direct path's private graph.
+    private boolean directGraph;
     // Graph-only state, set by attach().
     private VoidTensorHook upstreamHook;
     private TensorTensorHook gradientHook;
@@ -189,6 +194,7 @@ public final class FusedLogProbs implements AutoCloseable {
         this.gradLogprob = new Tensor(gradLogprob);
         this.gradEntropy = gradEntropy == null ? null : new Tensor(gradEntropy);
         this.gradientSent = new AtomicBoolean();
+        this.directSent = new AtomicBoolean();
     }
 
     /** Another holder of the same tensors and the same compute-time records. */
@@ -210,11 +216,17 @@ public final class FusedLogProbs implements AutoCloseable {
         this.gradLogprob = new Tensor(other.gradLogprob);
         this.gradEntropy = other.gradEntropy == null ? null : new Tensor(other.gradEntropy);
         this.gradientSent = other.gradientSent;
+        this.directSent = other.directSent;
     }
 
     /** Another holder of the same tensors (for a graph, while the first stays with its result). */
     public FusedLogProbs copy() {
         return new FusedLogProbs(this);
+    }
+
+    /** What this graph's gradient hook threw (the engine passes on only its text), or null. */
+    public RuntimeException hookFailure() {
+        return hookFailure;
     }
 
     /** Whether a backward through any graph made from this holder has produced the gradient. */
@@ -305,6 +317,8 @@ public final class FusedLogProbs implements AutoCloseable {
     public void backwardInto(Tensor value, double scale) {
         checkUnchanged();
         final FusedLogProbs graph = copy();
+        graph.directGraph = true;
+        directSent.set(true);
         final Tensor loss;
         try {
             loss = graph.attach(value);
@@ -450,6 +464,10 @@ public final class FusedLogProbs implements AutoCloseable {
                         + "gradient of its gradient): the fused kernel's gradient is computed outside autograd and is not itself "
                         + "differentiable. Run the backward without create_graph, or use a libtorch composite loss for "
                         + "higher-order gradients");
+            }
+            if (!directGraph && directSent.get()) {
+                throw new IllegalStateException("LossResult.backward() already sent this loss's gradient into the logits: "
+                        + "loss().backward() would add it again. Use one of the two paths per result");
             }
             releasePendingGradient();
             final Tensor grad = logitsGradient(upstream);
