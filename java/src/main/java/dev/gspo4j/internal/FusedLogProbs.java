@@ -1,5 +1,6 @@
 package dev.gspo4j.internal;
 
+import dev.gspo4j.Gspo4jException;
 import java.util.ArrayList;
 import java.util.Arrays;
 import java.util.List;
@@ -291,6 +292,9 @@ public final class FusedLogProbs implements AutoCloseable {
                 Kernels.tokenLogProbBackward(Tensors.device(logits), Tensors.stream(logits), view, Tensors.longs(targets),
                         temperature, Tensors.doubles(lse), Tensors.floats(entropy), Tensors.floats(gLp), Tensors.floats(gH),
                         grad.data_ptr(), view.seq() * view.vocab(), view.vocab());
+            } catch (Gspo4jException e) {
+                grad.close();
+                throw backwardFailure(e);
             } catch (RuntimeException | Error e) {
                 grad.close();
                 throw e;
@@ -335,6 +339,22 @@ public final class FusedLogProbs implements AutoCloseable {
             final RuntimeException cause = graph.hookFailure;
             throw cause != null ? cause : e;
         }
+    }
+
+    /**
+     * The native backward's failure in the caller's terms. compute() validated everything the
+     * backward reads and checkUnchanged() found it unchanged, so only a device error or a gspo4j
+     * bug gets here; the native argument names mean nothing to the caller and stay in the cause.
+     */
+    static Gspo4jException backwardFailure(Gspo4jException e) {
+        final String what = e.status() == Gspo4jException.Status.CUDA
+                ? "a CUDA error in the fused backward of the log-probs (the device's state, not the loss's inputs: check "
+                        + "the device's memory and earlier CUDA work on this stream)"
+                : "the fused backward of the log-probs failed although compute() had accepted its inputs and they are "
+                        + "unchanged: a gspo4j bug, please report it with this message";
+        final Gspo4jException failure = new Gspo4jException(e.status().code(), what + " [native: " + e.getMessage() + "]");
+        failure.initCause(e);
+        return failure;
     }
 
     private synchronized void releasePendingGradient() {
