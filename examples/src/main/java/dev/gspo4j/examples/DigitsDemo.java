@@ -2,6 +2,7 @@ package dev.gspo4j.examples;
 
 import dev.gspo4j.AdvantageMode;
 import dev.gspo4j.Advantages;
+import dev.gspo4j.Gspo4j;
 import dev.gspo4j.LossInput;
 import dev.gspo4j.LossResult;
 import dev.gspo4j.PolicyLoss;
@@ -259,20 +260,49 @@ public final class DigitsDemo {
         BitmapEncoder.saveBitmap(chart, png.toString(), BitmapEncoder.BitmapFormat.PNG);
     }
 
+    /**
+     * libtorch's intra-op threads for this demo: {@code OMP_NUM_THREADS} when set, else 1. The
+     * demo's tensors are tiny ([128, 6, 64] activations, ten logits per token), so a parallel
+     * region costs more than it saves, and OpenMP threads that spin-wait between ops take the CPU
+     * from everything else: on a 2-vCPU machine libtorch's default of 2 made the demo 8 to 20x
+     * slower than 1 (README, "Threads").
+     */
+    static int torchThreads() {
+        final String env = System.getenv("OMP_NUM_THREADS");
+        if (env != null) {
+            try {
+                return Math.max(1, Integer.parseInt(env.trim()));
+            } catch (NumberFormatException e) {
+                return 1;
+            }
+        }
+        return 1;
+    }
+
     public static void main(String[] args) throws IOException {
         Config config = Config.defaults();
         Path out = Path.of("target", "demo");
+        int torchThreads = 0; // 0: see torchThreads()
         for (String arg : args) {
             if (arg.startsWith("--steps=")) {
                 config = config.withSteps(Integer.parseInt(arg.substring("--steps=".length())));
             } else if (arg.startsWith("--out=")) {
                 out = Path.of(arg.substring("--out=".length()));
+            } else if (arg.startsWith("--torch-threads=")) {
+                torchThreads = Integer.parseInt(arg.substring("--torch-threads=".length()));
+                if (torchThreads < 1) {
+                    throw new IllegalArgumentException("--torch-threads must be at least 1, got " + torchThreads);
+                }
             } else if (!arg.isBlank()) {
-                throw new IllegalArgumentException("unknown argument " + arg + " (use --steps=N, --out=DIR)");
+                throw new IllegalArgumentException("unknown argument " + arg + " (use --steps=N, --out=DIR, --torch-threads=N)");
             }
         }
+        // Before gspo4j's first call: its CPU pool's default follows libtorch's thread count.
+        torch.set_num_threads(torchThreads > 0 ? torchThreads : torchThreads());
         System.out.printf(Locale.ROOT, "gspo4j demo: %d steps, %d prompts x %d responses of %d digits, %d x %d minibatch updates per rollout%n",
                 config.steps(), config.prompts(), config.groupSize(), config.length(), config.epochs(), config.minibatches());
+        System.out.printf(Locale.ROOT, "threads: libtorch %d, gspo4j %d (of %d available processors)%n", torch.get_num_threads(),
+                Gspo4j.threads(), Runtime.getRuntime().availableProcessors());
         final Curve gspo = train("GSPO", PolicyLoss.gspo(), config, true);
         final Curve grpo = train("GRPO", PolicyLoss.grpo(), config, true);
         for (Curve c : new Curve[] {gspo, grpo}) {
