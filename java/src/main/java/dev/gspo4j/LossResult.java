@@ -1,6 +1,7 @@
 package dev.gspo4j;
 
 import dev.gspo4j.internal.FusedLogProbs;
+import dev.gspo4j.internal.Unscoped;
 import org.bytedeco.pytorch.BoolOptional;
 import org.bytedeco.pytorch.Tensor;
 import org.bytedeco.pytorch.TensorArrayRef;
@@ -63,12 +64,15 @@ public final class LossResult implements AutoCloseable {
     public synchronized Tensor loss() {
         ensureOpen();
         if (loss == null) {
-            final Tensor built = fused == null ? new Tensor(lossValue) : fused.copy().attach(lossValue);
-            try {
-                loss = new GraphLoss(built);
-            } finally {
-                built.close();
-            }
+            // Owned by this result, not by a PointerScope open now (see Unscoped).
+            loss = Unscoped.call(() -> {
+                final Tensor built = fused == null ? new Tensor(lossValue) : fused.copy().attach(lossValue);
+                try {
+                    return new GraphLoss(built);
+                } finally {
+                    built.close();
+                }
+            });
         }
         return loss;
     }

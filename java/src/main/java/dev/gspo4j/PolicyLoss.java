@@ -10,6 +10,7 @@ import dev.gspo4j.internal.Metric;
 import dev.gspo4j.internal.RatioLevel;
 import dev.gspo4j.internal.TokenLayout;
 import dev.gspo4j.internal.Tensors;
+import dev.gspo4j.internal.Unscoped;
 import org.bytedeco.javacpp.Pointer;
 import org.bytedeco.pytorch.GradMode;
 import org.bytedeco.pytorch.Tensor;
@@ -164,6 +165,14 @@ public final class PolicyLoss {
         if (input == null) {
             throw new IllegalArgumentException("input must not be null");
         }
+        // The result and its graph state belong to the result, not to a PointerScope open now:
+        // a backward after that scope closed still works; LossResult.close() releases them.
+        return Unscoped.call(() -> computeUnscoped(input));
+    }
+
+    private LossResult computeUnscoped(LossInput input) {
+        // A normaliser given with the input overrides the loss's own for this call.
+        final LossSettings settings = input.normalizer == null ? this.settings : this.settings.withNormalizer(input.normalizer);
         try (PreparedInput in = PreparedInput.of(input, settings, temperature)) {
             final Tensor logits = input.logits;
             final Device device = Tensors.device(logits);
