@@ -2,6 +2,9 @@ package dev.gspo4j;
 
 import dev.gspo4j.internal.Metric;
 import dev.gspo4j.internal.Tensors;
+import java.util.Collections;
+import java.util.LinkedHashMap;
+import java.util.Map;
 import org.bytedeco.pytorch.Tensor;
 import org.bytedeco.pytorch.TensorVector;
 import org.bytedeco.pytorch.global.torch;
@@ -133,12 +136,12 @@ public final class LossMetrics implements AutoCloseable {
      * Fractions and ratio statistics are per response for GSPO (TRL's sequence-level importance
      * sampling logs them per response too) and per counted token otherwise.
      */
-    public java.util.Map<String, Double> asMap() {
+    public Map<String, Double> asMap() {
         readAll();
         final double low = get(Metric.CLIP_FRACTION_LOW);
         final double high = get(Metric.CLIP_FRACTION_HIGH);
         final double kl = get(Metric.KL);
-        final java.util.Map<String, Double> map = new java.util.LinkedHashMap<>();
+        final Map<String, Double> map = new LinkedHashMap<>();
         map.put("clip_ratio/low_mean", low);
         map.put("clip_ratio/high_mean", high);
         map.put("clip_ratio/region_mean", low + high);
@@ -155,7 +158,7 @@ public final class LossMetrics implements AutoCloseable {
         map.put("gspo4j/ratio_max", (double) get(Metric.RATIO_MAX));
         map.put("gspo4j/sequences", (double) sequences());
         map.put("gspo4j/tokens", (double) tokens());
-        return java.util.Collections.unmodifiableMap(map);
+        return Collections.unmodifiableMap(map);
     }
 
     // The float32 set and the device-held counts in one copy: both go into one float64 tensor on

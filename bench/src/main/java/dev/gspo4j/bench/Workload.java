@@ -4,6 +4,7 @@ import dev.gspo4j.Gspo4j;
 import dev.gspo4j.internal.LogitsDtype;
 import dev.gspo4j.internal.LogitsView;
 import dev.gspo4j.internal.Tensors;
+import org.bytedeco.openblas.global.openblas_nolapack;
 import org.bytedeco.pytorch.Scalar;
 import org.bytedeco.pytorch.Tensor;
 import org.bytedeco.pytorch.TensorOptions;
@@ -66,6 +67,7 @@ public class Workload {
     @Setup(Level.Trial)
     public void setUp() {
         torch.set_num_threads(threads());
+        openblas_nolapack.blas_set_num_threads(threads()); // libtorch's BLAS has its own pool
         Gspo4j.setThreads(Math.min(threads(), Gspo4j.MAX_THREADS));
         final String[] parts = shape.split("x");
         rows = Integer.parseInt(parts[0]);

@@ -5,7 +5,6 @@ import static org.junit.jupiter.api.Assertions.assertTrue;
 import dev.gspo4j.PolicyLoss;
 import java.nio.file.Files;
 import java.nio.file.Path;
-import org.bytedeco.pytorch.global.torch;
 import org.junit.jupiter.api.Test;
 import org.junit.jupiter.api.io.TempDir;
 
@@ -17,7 +16,7 @@ class DigitsDemoTest {
 
     @Test
     void gspoAndGrpoLearnTheTask(@TempDir Path out) throws Exception {
-        torch.set_num_threads(DigitsDemo.torchThreads()); // as the demo's main does
+        DigitsDemo.useThreads(DigitsDemo.defaultThreads()); // as the demo's main does
         final DigitsDemo.Config config = DigitsDemo.Config.defaults().withSteps(70);
         final DigitsDemo.Curve gspo = DigitsDemo.train("GSPO", PolicyLoss.gspo(), config, false);
         final DigitsDemo.Curve grpo = DigitsDemo.train("GRPO", PolicyLoss.grpo(), config, false);
