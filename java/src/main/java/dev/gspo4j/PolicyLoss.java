@@ -158,8 +158,13 @@ public final class PolicyLoss {
      * that require grad, {@link LossResult#loss()} is differentiable and {@link LossResult#backward()}
      * works; otherwise only values are computed.
      *
+     * <p>The result owns its tensors and graph state, not a JavaCPP {@code PointerScope} open
+     * while this runs: it may be backwarded after that scope closed; close the result.
+     *
      * @throws IllegalArgumentException for a wrong shape, dtype, device or layout, a token id outside
-     *     [0, V), NaN/Inf in an input (with checking on), or options the inputs do not satisfy
+     *     [0, V), or options the inputs do not satisfy
+     * @throws NonFiniteDataException (an IllegalArgumentException) for NaN/Inf in the logits or a
+     *     counted input, with checking on
      */
     public LossResult compute(LossInput input) {
         if (input == null) {
