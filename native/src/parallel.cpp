@@ -10,6 +10,10 @@
 #include <thread>
 #include <vector>
 
+#ifdef __linux__
+#include <sched.h>
+#endif
+
 namespace gspo4j {
 namespace {
 
@@ -60,17 +64,16 @@ public:
 
     int threads() const { return threads_.load(); }
 
-    void set_threads(int threads) {
-        std::lock_guard<std::mutex> lock(mutex_);
-        threads_.store(threads);
-        while (static_cast<int>(workers_.size()) < threads - 1) {
-            workers_.emplace_back([this] { loop(); });
-        }
-    }
+    // Only records the count: workers start on the first parallel call that needs them, so a
+    // count set before any kernel runs (the Java layer's default) starts no more threads.
+    void set_threads(int threads) { threads_.store(threads); }
 
     void run(const std::shared_ptr<Job>& job, int helpers) {
         {
             std::lock_guard<std::mutex> lock(mutex_);
+            while (static_cast<int>(workers_.size()) < helpers) {
+                workers_.emplace_back([this] { loop(); });
+            }
             for (int i = 0; i < helpers; ++i) queue_.push_back(job);
         }
         if (helpers == 1) wake_.notify_one(); else wake_.notify_all();
@@ -80,9 +83,20 @@ public:
     }
 
 private:
-    explicit Pool(int threads) { set_threads(threads); }
+    explicit Pool(int threads) : threads_(threads) {}
 
+    // The CPUs this process may run on (its affinity mask, which taskset and cpusets narrow);
+    // the hardware concurrency where that is unknown. CPU quotas (cgroup cpu.max) are not seen
+    // here: the Java layer sets its own default, which honours them, before any kernel runs.
     static int default_threads() {
+#ifdef __linux__
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+            const int allowed = CPU_COUNT(&set);
+            if (allowed > 0) return allowed;
+        }
+#endif
         const unsigned hardware = std::thread::hardware_concurrency();
         return hardware == 0 ? 1 : static_cast<int>(hardware);
     }
@@ -100,11 +114,11 @@ private:
         }
     }
 
-    std::atomic<int> threads_{1};
+    std::atomic<int> threads_;
     std::mutex mutex_;
     std::condition_variable wake_;
     std::deque<std::shared_ptr<Job>> queue_;
-    std::vector<std::thread> workers_;  // grows only; extra workers idle when threads shrink
+    std::vector<std::thread> workers_;  // started on demand, grows only; extra workers idle when threads shrink
 };
 
 }  // namespace

@@ -139,7 +139,9 @@ GSPO4J_API int32_t gspo4j_cuda_device_count(void);
 /* The CUDA runtime version this library was built with and links statically (1000 * major +
  * 10 * minor, e.g. 13000 for 13.0), 0 when it was built without the CUDA kernels. */
 GSPO4J_API int32_t gspo4j_cuda_runtime_version(void);
-/* CPU worker threads (default: the hardware concurrency). Results do not depend on it. */
+/* CPU worker threads (default: the CPUs in this process's affinity mask; the Java layer sets its
+ * own default before its first kernel call). Workers start on the first call that needs them.
+ * Results do not depend on the count. */
 GSPO4J_API gspo4j_status gspo4j_set_num_threads(int32_t threads);
 GSPO4J_API int32_t gspo4j_get_num_threads(void);
 /* Name of the CPU instruction set the kernels dispatched to: "avx512", "avx2" or "sse2". */

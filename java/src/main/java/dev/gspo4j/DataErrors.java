@@ -9,7 +9,7 @@ import org.bytedeco.pytorch.global.torch.ScalarType;
 
 /**
  * Turns what the native kernels found in the data (a token id out of range, NaN/Inf, bad offsets)
- * into an {@link IllegalArgumentException} in the Java API's words: the Java argument's name
+ * into an {@link IllegalArgumentException} (NaN/Inf: {@link NonFiniteDataException}) in the Java API's words: the Java argument's name
  * ({@code oldLogProbs}, not {@code old_logprob}), its index as the caller's tensor has it
  * ({@code [b, t]} padded, {@code [n]} packed, not a flat offset), the value read from the Java
  * side's tensor, and the fix. The CPU and the CUDA kernels word their findings differently (a CUDA
@@ -84,13 +84,17 @@ final class DataErrors {
         return this;
     }
 
-    /** Runs a kernel call; bad data it reports becomes IllegalArgumentException with a Java message. */
+    /**
+     * Runs a kernel call; bad data it reports becomes IllegalArgumentException with a Java message,
+     * NaN/Inf its subclass {@link NonFiniteDataException}.
+     */
     void run(Runnable call) {
         try {
             call.run();
         } catch (Gspo4jException e) {
             switch (e.status()) {
-                case INVALID_ARGUMENT, OUT_OF_RANGE, NON_FINITE -> throw new IllegalArgumentException(message(e.getMessage()), e);
+                case NON_FINITE -> throw new NonFiniteDataException(message(e.getMessage()), e);
+                case INVALID_ARGUMENT, OUT_OF_RANGE -> throw new IllegalArgumentException(message(e.getMessage()), e);
                 default -> throw e;
             }
         }

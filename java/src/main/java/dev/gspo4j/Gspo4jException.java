@@ -4,7 +4,8 @@ package dev.gspo4j;
  * A failure reported by gspo4j's native code: bad data found while reading it (a token id out of
  * range, NaN or Inf in an input), an unsupported call, or an internal error. Arguments that can be
  * checked without reading the data are rejected earlier, with {@link IllegalArgumentException}; the
- * loss modules report bad data as {@link IllegalArgumentException} too, with this as its cause.
+ * loss modules report bad data as {@link IllegalArgumentException} too (NaN/Inf as its subclass
+ * {@link NonFiniteDataException}), with this as its cause.
  */
 public final class Gspo4jException extends RuntimeException {
     private static final long serialVersionUID = 1L;

@@ -1,5 +1,6 @@
 package dev.gspo4j;
 
+import dev.gspo4j.internal.LossSettings;
 import org.bytedeco.pytorch.Tensor;
 
 /**
@@ -25,6 +26,7 @@ public final class LossInput {
     final boolean tokenAdvantages;
     final Tensor offsets;
     final Long ignoreIndex; // null: off
+    final Double normalizer; // null: the PolicyLoss's own
 
     private LossInput(Builder b) {
         this.logits = b.logits;
@@ -36,6 +38,7 @@ public final class LossInput {
         this.tokenAdvantages = b.tokenAdvantages;
         this.offsets = b.offsets;
         this.ignoreIndex = b.ignoreIndex;
+        this.normalizer = b.normalizer;
     }
 
     public static Builder builder() {
@@ -53,6 +56,7 @@ public final class LossInput {
         private boolean tokenAdvantages;
         private Tensor offsets;
         private Long ignoreIndex;
+        private Double normalizer;
 
         private Builder() {}
 
@@ -132,6 +136,21 @@ public final class LossInput {
          */
         public Builder ignoreIndex(long index) {
             this.ignoreIndex = index;
+            return this;
+        }
+
+        /**
+         * The normaliser of this call, overriding {@link PolicyLoss.Builder#normalizer} of the loss:
+         * a global count replacing the local denominator of the aggregation (responses, counted
+         * tokens, or B for SEQ_MEAN_TOKEN_SUM_NORM), for a count that changes per step (tokens
+         * across data-parallel ranks, or across the micro-batches of one accumulated step). 0
+         * means the local count for this call, whatever the loss's setting. Unset: the loss's.
+         *
+         * @param count 0 or in [1e-6, 1e18], the range of {@link PolicyLoss.Builder#normalizer}
+         */
+        public Builder normalizer(double count) {
+            LossSettings.requireNormalizer(count);
+            this.normalizer = count;
             return this;
         }
 

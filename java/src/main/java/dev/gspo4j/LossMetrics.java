@@ -1,7 +1,14 @@
 package dev.gspo4j;
 
 import dev.gspo4j.internal.Metric;
+import dev.gspo4j.internal.Tensors;
+import java.util.Collections;
+import java.util.LinkedHashMap;
+import java.util.Map;
 import org.bytedeco.pytorch.Tensor;
+import org.bytedeco.pytorch.TensorVector;
+import org.bytedeco.pytorch.global.torch;
+import org.bytedeco.pytorch.global.torch.ScalarType;
 
 /**
  * SPEC.md's metrics of one loss call. They stay in a float32 tensor on the logits' device until a
@@ -95,6 +102,100 @@ public final class LossMetrics implements AutoCloseable {
         return tokens;
     }
 
+    /**
+     * Every metric under the names TRL's {@code GRPOTrainer} and verl's actor log, plus gspo4j's own,
+     * read from the device in one copy (one sync on a GPU; later reads of this object use it too).
+     * Insertion-ordered; values are doubles (the counts exact). The mapping, where the definitions
+     * agree and where they differ:
+     * <table>
+     * <caption>asMap keys</caption>
+     * <tr><th>key</th><th>value</th><th>as logged by</th></tr>
+     * <tr><td>{@code clip_ratio/low_mean}</td><td>{@link #clipFractionLow()}</td><td>TRL: the fraction with ratio
+     *     below 1 - eps_low and a negative advantage</td></tr>
+     * <tr><td>{@code clip_ratio/high_mean}</td><td>{@link #clipFractionHigh()}</td><td>TRL: above 1 + eps_high with a
+     *     positive advantage</td></tr>
+     * <tr><td>{@code clip_ratio/region_mean}</td><td>low + high (disjoint events)</td><td>TRL</td></tr>
+     * <tr><td>{@code entropy}</td><td>{@link #entropyMean()}</td><td>TRL: the token mean over counted tokens</td></tr>
+     * <tr><td>{@code kl}</td><td>{@link #kl()}</td><td>TRL logs the token mean of the per-token KL; this is the KL
+     *     term as aggregated by the loss's aggregation (the same number under {@code TOKEN_MEAN}); 0 without KL</td></tr>
+     * <tr><td>{@code actor/pg_loss}</td><td>{@link #policyLoss()}</td><td>verl</td></tr>
+     * <tr><td>{@code actor/pg_clipfrac}</td><td>low + high</td><td>verl: where the clipped objective is the one taken
+     *     (its {@code pg_losses2 > pg_losses1})</td></tr>
+     * <tr><td>{@code actor/pg_clipfrac_lower}</td><td>{@link #dualClipFraction()}</td><td>verl: held at c * A by the
+     *     dual clip; 0 here when the dual clip is off (verl always applies its c = 3)</td></tr>
+     * <tr><td>{@code actor/ppo_kl}</td><td>{@link #approxKl()}</td><td>verl: token mean of old log-prob minus
+     *     log-prob</td></tr>
+     * <tr><td>{@code actor/entropy}</td><td>{@link #entropy()}</td><td>verl: the entropy aggregated like the
+     *     loss</td></tr>
+     * <tr><td>{@code actor/kl_loss}</td><td>{@link #kl()}</td><td>verl: the KL term aggregated like the loss</td></tr>
+     * <tr><td>{@code gspo4j/ratio_mean}, {@code gspo4j/ratio_min}, {@code gspo4j/ratio_max}</td><td>{@link #ratioMean()},
+     *     {@link #ratioMin()}, {@link #ratioMax()}</td><td>gspo4j</td></tr>
+     * <tr><td>{@code gspo4j/sequences}, {@code gspo4j/tokens}</td><td>{@link #sequences()}, {@link #tokens()}</td>
+     *     <td>gspo4j</td></tr>
+     * </table>
+     * Fractions and ratio statistics are per response for GSPO (TRL's sequence-level importance
+     * sampling logs them per response too) and per counted token otherwise.
+     */
+    public Map<String, Double> asMap() {
+        readAll();
+        final double low = get(Metric.CLIP_FRACTION_LOW);
+        final double high = get(Metric.CLIP_FRACTION_HIGH);
+        final double kl = get(Metric.KL);
+        final Map<String, Double> map = new LinkedHashMap<>();
+        map.put("clip_ratio/low_mean", low);
+        map.put("clip_ratio/high_mean", high);
+        map.put("clip_ratio/region_mean", low + high);
+        map.put("entropy", (double) get(Metric.ENTROPY_MEAN));
+        map.put("kl", kl);
+        map.put("actor/pg_loss", (double) get(Metric.POLICY_LOSS));
+        map.put("actor/pg_clipfrac", low + high);
+        map.put("actor/pg_clipfrac_lower", (double) get(Metric.DUAL_CLIP_FRACTION));
+        map.put("actor/ppo_kl", (double) get(Metric.APPROX_KL));
+        map.put("actor/entropy", (double) get(Metric.ENTROPY));
+        map.put("actor/kl_loss", kl);
+        map.put("gspo4j/ratio_mean", (double) get(Metric.RATIO_MEAN));
+        map.put("gspo4j/ratio_min", (double) get(Metric.RATIO_MIN));
+        map.put("gspo4j/ratio_max", (double) get(Metric.RATIO_MAX));
+        map.put("gspo4j/sequences", (double) sequences());
+        map.put("gspo4j/tokens", (double) tokens());
+        return Collections.unmodifiableMap(map);
+    }
+
+    // The float32 set and the device-held counts in one copy: both go into one float64 tensor on
+    // the device (the counts stay exact below 2^53), then one read.
+    private void readAll() {
+        ensureOpen();
+        final boolean needCounts = (sequences < 0 && sequenceCount != null) || (tokens < 0 && tokenCount != null);
+        if (host != null && !needCounts) {
+            return;
+        }
+        final Tensor zero = Tensors.empty(new long[] {1}, ScalarType.Double, values);
+        zero.zero_();
+        try (Tensor asDouble = values.to(ScalarType.Double);
+                Tensor s = sequenceCount == null ? null : sequenceCount.reshape(1).to(ScalarType.Double);
+                Tensor t = tokenCount == null ? null : tokenCount.reshape(1).to(ScalarType.Double);
+                TensorVector parts = new TensorVector(asDouble, s == null ? zero : s, t == null ? zero : t);
+                Tensor all = torch.cat(parts); Tensor cpu = all.cpu(); Tensor contiguous = cpu.contiguous()) {
+            final double[] copy = new double[Metric.COUNT + 2];
+            contiguous.data_ptr_double().get(copy);
+            if (host == null) {
+                final float[] values = new float[Metric.COUNT];
+                for (int i = 0; i < Metric.COUNT; i++) {
+                    values[i] = (float) copy[i];
+                }
+                host = values;
+            }
+            if (sequences < 0) {
+                sequences = sequenceCount == null ? knownSequences : (long) copy[Metric.COUNT];
+            }
+            if (tokens < 0) {
+                tokens = tokenCount == null ? knownTokens : (long) copy[Metric.COUNT + 1];
+            }
+        } finally {
+            zero.close();
+        }
+    }
+
     /** Releases the metrics' tensors; idempotent. Reading a metric afterwards is an IllegalStateException. */
     @Override
     public void close() {
@@ -114,6 +215,7 @@ public final class LossMetrics implements AutoCloseable {
         if (closed) {
             return "LossMetrics(closed)";
         }
+        readAll();
         return String.format("loss_pi=%.6g kl=%.6g H=%.6g clip_low=%.4f clip_high=%.4f dual=%.4f ratio=%.6g [%.6g, %.6g] "
                 + "approx_kl=%.6g sequences=%d tokens=%d", policyLoss(), kl(), entropyMean(), clipFractionLow(),
                 clipFractionHigh(), dualClipFraction(), ratioMean(), ratioMin(), ratioMax(), approxKl(), sequences(), tokens());

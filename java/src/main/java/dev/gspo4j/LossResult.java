@@ -1,6 +1,7 @@
 package dev.gspo4j;
 
 import dev.gspo4j.internal.FusedLogProbs;
+import dev.gspo4j.internal.Unscoped;
 import org.bytedeco.pytorch.BoolOptional;
 import org.bytedeco.pytorch.Tensor;
 import org.bytedeco.pytorch.TensorArrayRef;
@@ -64,13 +65,16 @@ public final class LossResult implements AutoCloseable {
     public synchronized Tensor loss() {
         ensureOpen();
         if (loss == null) {
-            final FusedLogProbs graph = fused == null ? null : fused.copy();
-            final Tensor built = graph == null ? new Tensor(lossValue) : graph.attach(lossValue);
-            try {
-                loss = new GraphLoss(built, graph);
-            } finally {
-                built.close();
-            }
+            // Owned by this result, not by a PointerScope open now (see Unscoped).
+            loss = Unscoped.call(() -> {
+                final FusedLogProbs graph = fused == null ? null : fused.copy();
+                final Tensor built = graph == null ? new Tensor(lossValue) : graph.attach(lossValue);
+                try {
+                    return new GraphLoss(built, graph);
+                } finally {
+                    built.close();
+                }
+            });
         }
         return loss;
     }

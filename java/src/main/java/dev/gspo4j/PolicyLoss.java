@@ -10,6 +10,7 @@ import dev.gspo4j.internal.Metric;
 import dev.gspo4j.internal.RatioLevel;
 import dev.gspo4j.internal.TokenLayout;
 import dev.gspo4j.internal.Tensors;
+import dev.gspo4j.internal.Unscoped;
 import org.bytedeco.javacpp.Pointer;
 import org.bytedeco.pytorch.GradMode;
 import org.bytedeco.pytorch.Tensor;
@@ -157,13 +158,26 @@ public final class PolicyLoss {
      * that require grad, {@link LossResult#loss()} is differentiable and {@link LossResult#backward()}
      * works; otherwise only values are computed.
      *
+     * <p>The result owns its tensors and graph state, not a JavaCPP {@code PointerScope} open
+     * while this runs: it may be backwarded after that scope closed; close the result.
+     *
      * @throws IllegalArgumentException for a wrong shape, dtype, device or layout, a token id outside
-     *     [0, V), NaN/Inf in an input (with checking on), or options the inputs do not satisfy
+     *     [0, V), or options the inputs do not satisfy
+     * @throws NonFiniteDataException (an IllegalArgumentException) for NaN/Inf in the logits or a
+     *     counted input, with checking on
      */
     public LossResult compute(LossInput input) {
         if (input == null) {
             throw new IllegalArgumentException("input must not be null");
         }
+        // The result and its graph state belong to the result, not to a PointerScope open now:
+        // a backward after that scope closed still works; LossResult.close() releases them.
+        return Unscoped.call(() -> computeUnscoped(input));
+    }
+
+    private LossResult computeUnscoped(LossInput input) {
+        // A normaliser given with the input overrides the loss's own for this call.
+        final LossSettings settings = input.normalizer == null ? this.settings : this.settings.withNormalizer(input.normalizer);
         try (PreparedInput in = PreparedInput.of(input, settings, temperature)) {
             final Tensor logits = input.logits;
             final Device device = Tensors.device(logits);

@@ -237,7 +237,7 @@ final class PreparedInput implements AutoCloseable {
         return t;
     }
 
-    private static void requireSameDevice(Tensor t, String name, Tensor logits) {
+    static void requireSameDevice(Tensor t, String name, Tensor logits) {
         TensorArgs.requireOpen(t, name);
         try (Device device = t.device(); Device logitsDevice = logits.device()) {
             if (!device.equals(logitsDevice)) {
@@ -259,7 +259,7 @@ final class PreparedInput implements AutoCloseable {
         }
     }
 
-    private static void requireShape(Tensor t, long[] shape, String name) {
+    static void requireShape(Tensor t, long[] shape, String name) {
         if (!Arrays.equals(Tensors.shape(t), shape)) {
             throw new IllegalArgumentException(name + " must have shape " + Arrays.toString(shape) + ", got " + shapeOf(t));
         }

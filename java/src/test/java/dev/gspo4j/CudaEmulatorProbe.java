@@ -55,6 +55,7 @@ public final class CudaEmulatorProbe {
         torch.manual_seed(7);
         losses();
         advantages();
+        tokenLogProbs();
         badData();
         System.out.println("cases=" + cases);
         System.out.println("checks=" + checks);
@@ -351,6 +352,48 @@ public final class CudaEmulatorProbe {
         }
         cases++;
         System.out.printf("case advantages: %.0f ms%n", (System.nanoTime() - start) / 1e6);
+    }
+
+    // ---- Log-probs without a loss --------------------------------------------------------------------
+
+    private static void tokenLogProbs() {
+        final long start = System.nanoTime();
+        final Batch batch = new Batch(45, 3, 4, 999, 0.2);
+        for (ScalarType type : new ScalarType[] {ScalarType.Float, ScalarType.BFloat16}) {
+            try (Inputs padded = new Inputs(batch, Layout.PADDED, false); Tensor logits = padded.leaf(type);
+                    Tensor flatLogits = logits.reshape(12, 999); Tensor flatTargets = padded.targets.reshape(12)) {
+                for (double tau : new double[] {1.0, 0.7}) {
+                    try (TokenLogProbs cpu = TokenLogProbs.computeWithEntropy(logits, padded.targets, tau);
+                            TokenLogProbs cuda = emulated(() -> TokenLogProbs.computeWithEntropy(logits, padded.targets, tau));
+                            Tensor cpuPacked = TokenLogProbs.compute(flatLogits, flatTargets, tau);
+                            Tensor cudaPacked = emulated(() -> TokenLogProbs.compute(flatLogits, flatTargets, tau))) {
+                        final String what = "TokenLogProbs " + type + " tau " + tau;
+                        assertClose(cpu.logProbs(), cuda.logProbs(), VALUE_RELATIVE, VALUE_ABSOLUTE, what + " log-probs");
+                        assertClose(cpu.entropy(), cuda.entropy(), VALUE_RELATIVE, VALUE_ABSOLUTE, what + " entropy");
+                        assertClose(cpuPacked, cudaPacked, VALUE_RELATIVE, VALUE_ABSOLUTE, what + " packed");
+                    }
+                }
+                // Bad data found by the CUDA kernel, reported as on the CPU.
+                try (Tensor targets = padded.targets.clone()) {
+                    targets.data_ptr_long().put(5, batch.v);
+                    badOnBoth("TokenLogProbs target id", () -> TokenLogProbs.compute(logits, targets).close(), "targets[1, 1] = " + batch.v);
+                }
+                try (Tensor poisoned = logits.detach().clone()) {
+                    if (type == ScalarType.Float) {
+                        poisoned.data_ptr_float().put(999 * 6 + 3, Float.NaN);
+                        final IllegalArgumentException e = badOnBoth("TokenLogProbs NaN logits",
+                                () -> TokenLogProbs.compute(poisoned, padded.targets).close(), "logits[1, 2, :]");
+                        assertInstanceOf(NonFiniteDataException.class, e, "NaN: divergence on the CPU");
+                        assertInstanceOf(NonFiniteDataException.class,
+                                emulated(() -> assertThrows(IllegalArgumentException.class, () -> TokenLogProbs.compute(poisoned, padded.targets))),
+                                "NaN: divergence on CUDA");
+                        checks += 2;
+                    }
+                }
+            }
+        }
+        cases++;
+        System.out.printf("case token log-probs: %.0f ms%n", (System.nanoTime() - start) / 1e6);
     }
 
     // ---- Bad data -----------------------------------------------------------------------------------

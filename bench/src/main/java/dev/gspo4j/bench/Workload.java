@@ -1,8 +1,10 @@
 package dev.gspo4j.bench;
 
+import dev.gspo4j.Gspo4j;
 import dev.gspo4j.internal.LogitsDtype;
 import dev.gspo4j.internal.LogitsView;
 import dev.gspo4j.internal.Tensors;
+import org.bytedeco.openblas.global.openblas_nolapack;
 import org.bytedeco.pytorch.Scalar;
 import org.bytedeco.pytorch.Tensor;
 import org.bytedeco.pytorch.TensorOptions;
@@ -47,8 +49,26 @@ public class Workload {
         this.dtype = dtype;
     }
 
+    /**
+     * Threads of both pools for a benchmark run: {@code OMP_NUM_THREADS} when set, else every
+     * available processor. The composite rows are large libtorch ops that scale with threads, and
+     * gspo4j's kernels the same; the two pools never compute at once here, so they do not
+     * oversubscribe the CPUs. Set explicitly, so a run does not depend on libtorch's default
+     * (physical cores) or on which pool was initialised first.
+     */
+    static int threads() {
+        final String env = System.getenv("OMP_NUM_THREADS");
+        if (env != null && env.trim().matches("[0-9]+") && Integer.parseInt(env.trim()) > 0) {
+            return Integer.parseInt(env.trim());
+        }
+        return Runtime.getRuntime().availableProcessors();
+    }
+
     @Setup(Level.Trial)
     public void setUp() {
+        torch.set_num_threads(threads());
+        openblas_nolapack.blas_set_num_threads(threads()); // libtorch's BLAS has its own pool
+        Gspo4j.setThreads(Math.min(threads(), Gspo4j.MAX_THREADS));
         final String[] parts = shape.split("x");
         rows = Integer.parseInt(parts[0]);
         vocab = Integer.parseInt(parts[1]);

@@ -2,6 +2,7 @@ package dev.gspo4j.examples;
 
 import dev.gspo4j.AdvantageMode;
 import dev.gspo4j.Advantages;
+import dev.gspo4j.Gspo4j;
 import dev.gspo4j.LossInput;
 import dev.gspo4j.LossResult;
 import dev.gspo4j.PolicyLoss;
@@ -10,6 +11,7 @@ import java.nio.file.Files;
 import java.nio.file.Path;
 import java.util.Locale;
 import java.util.Random;
+import org.bytedeco.openblas.global.openblas_nolapack;
 import org.bytedeco.pytorch.AdamW;
 import org.bytedeco.pytorch.AdamWOptions;
 import org.bytedeco.pytorch.EmbeddingImpl;
@@ -259,20 +261,60 @@ public final class DigitsDemo {
         BitmapEncoder.saveBitmap(chart, png.toString(), BitmapEncoder.BitmapFormat.PNG);
     }
 
+    /**
+     * Threads for libtorch in this demo: {@code OMP_NUM_THREADS} when set, else 1. The demo's
+     * tensors are tiny ([128, 6, 64] activations, ten logits per token), so a parallel region
+     * costs more than it saves, and idle OpenMP and OpenBLAS threads spin-wait between ops,
+     * taking the CPU from everything else: on the 2-vCPU CI machine kind libtorch's defaults (2
+     * and 2) made the demo 5 to 20x slower than 1 (README, "Threads").
+     */
+    static int defaultThreads() {
+        final String env = System.getenv("OMP_NUM_THREADS");
+        if (env != null) {
+            try {
+                return Math.max(1, Integer.parseInt(env.trim()));
+            } catch (NumberFormatException e) {
+                return 1;
+            }
+        }
+        return 1;
+    }
+
+    /**
+     * Sizes both of libtorch's CPU pools: its intra-op (OpenMP) threads, and the pthread pool of
+     * the OpenBLAS it calls for matrix products, which {@code torch.set_num_threads} does not
+     * reach (OpenBLAS sizes it from the environment when it loads). Call before gspo4j's first
+     * call: gspo4j's own pool then defaults to the same count.
+     */
+    static void useThreads(int threads) {
+        torch.set_num_threads(threads);
+        openblas_nolapack.blas_set_num_threads(threads);
+    }
+
     public static void main(String[] args) throws IOException {
         Config config = Config.defaults();
         Path out = Path.of("target", "demo");
+        int threads = defaultThreads();
         for (String arg : args) {
             if (arg.startsWith("--steps=")) {
                 config = config.withSteps(Integer.parseInt(arg.substring("--steps=".length())));
             } else if (arg.startsWith("--out=")) {
                 out = Path.of(arg.substring("--out=".length()));
+            } else if (arg.startsWith("--threads=")) {
+                threads = Integer.parseInt(arg.substring("--threads=".length()));
+                if (threads < 1) {
+                    throw new IllegalArgumentException("--threads must be at least 1, got " + threads);
+                }
             } else if (!arg.isBlank()) {
-                throw new IllegalArgumentException("unknown argument " + arg + " (use --steps=N, --out=DIR)");
+                throw new IllegalArgumentException("unknown argument " + arg + " (use --steps=N, --out=DIR, --threads=N)");
             }
         }
+        useThreads(threads); // before gspo4j's first call: its pool's default follows libtorch's count
         System.out.printf(Locale.ROOT, "gspo4j demo: %d steps, %d prompts x %d responses of %d digits, %d x %d minibatch updates per rollout%n",
                 config.steps(), config.prompts(), config.groupSize(), config.length(), config.epochs(), config.minibatches());
+        System.out.printf(Locale.ROOT, "threads: libtorch %d, OpenBLAS %d, gspo4j %d (of %d available processors)%n",
+                torch.get_num_threads(), openblas_nolapack.blas_get_num_threads(), Gspo4j.threads(),
+                Runtime.getRuntime().availableProcessors());
         final Curve gspo = train("GSPO", PolicyLoss.gspo(), config, true);
         final Curve grpo = train("GRPO", PolicyLoss.grpo(), config, true);
         for (Curve c : new Curve[] {gspo, grpo}) {

@@ -16,6 +16,7 @@ class DigitsDemoTest {
 
     @Test
     void gspoAndGrpoLearnTheTask(@TempDir Path out) throws Exception {
+        DigitsDemo.useThreads(DigitsDemo.defaultThreads()); // as the demo's main does
         final DigitsDemo.Config config = DigitsDemo.Config.defaults().withSteps(70);
         final DigitsDemo.Curve gspo = DigitsDemo.train("GSPO", PolicyLoss.gspo(), config, false);
         final DigitsDemo.Curve grpo = DigitsDemo.train("GRPO", PolicyLoss.grpo(), config, false);

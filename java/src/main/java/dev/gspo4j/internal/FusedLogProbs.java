@@ -79,7 +79,8 @@ public final class FusedLogProbs implements AutoCloseable {
     private static final Map<Long, Tensor> TOKEN_MEMORY = new ConcurrentHashMap<>();
 
     /** Called by libtorch when a graph drops its anchor: the graph itself is gone. */
-    private static final PointerConsumer GRAPH_DROPPED = new PointerConsumer() {
+    // Made outside any caller's PointerScope (see Unscoped): they live as long as the class.
+    private static final PointerConsumer GRAPH_DROPPED = Unscoped.call(() -> new PointerConsumer() {
         @Override
         public void call(Pointer data) {
             freeTokenMemory(data);
@@ -88,13 +89,13 @@ public final class FusedLogProbs implements AutoCloseable {
                 state.close();
             }
         }
-    };
+    });
 
     /**
      * Called by libtorch when a graph frees {@code one}: during a backward without retain_graph (the
      * graph's last, before our hooks run), or when the graph is dropped.
      */
-    private static final PointerConsumer ONE_RELEASED = new PointerConsumer() {
+    private static final PointerConsumer ONE_RELEASED = Unscoped.call(() -> new PointerConsumer() {
         @Override
         public void call(Pointer data) {
             freeTokenMemory(data);
@@ -103,7 +104,7 @@ public final class FusedLogProbs implements AutoCloseable {
                 state.lastBackward = true;
             }
         }
-    };
+    });
 
     private static void freeTokenMemory(Pointer data) {
         final Tensor memory = TOKEN_MEMORY.remove(data.address());
@@ -222,7 +223,7 @@ public final class FusedLogProbs implements AutoCloseable {
 
     /** Another holder of the same tensors (for a graph, while the first stays with its result). */
     public FusedLogProbs copy() {
-        return new FusedLogProbs(this);
+        return Unscoped.call(() -> new FusedLogProbs(this));
     }
 
     /** What this graph's gradient hook threw (the engine passes on only its text), or null. */
@@ -319,6 +320,10 @@ public final class FusedLogProbs implements AutoCloseable {
      * @param scale finite, within the float32 range (checked by the caller)
      */
     public void backwardInto(Tensor value, double scale) {
+        Unscoped.run(() -> backwardIntoUnscoped(value, scale));
+    }
+
+    private void backwardIntoUnscoped(Tensor value, double scale) {
         checkUnchanged();
         final FusedLogProbs graph = copy();
         graph.directGraph = true;
@@ -373,6 +378,10 @@ public final class FusedLogProbs implements AutoCloseable {
      * @throws IllegalStateException when the logits changed since compute(), or in inference mode
      */
     public Tensor attach(Tensor value) {
+        return Unscoped.call(() -> attachUnscoped(value));
+    }
+
+    private Tensor attachUnscoped(Tensor value) {
         checkUnchanged();
         if (InferenceMode.is_enabled()) {
             throw new IllegalStateException("loss() cannot build its autograd graph in inference mode (c10::InferenceMode): "
@@ -403,7 +412,7 @@ public final class FusedLogProbs implements AutoCloseable {
                 @Override
                 public TensorBase call(TensorBase ignored) {
                     ignored.close();
-                    return sendGradient();
+                    return Unscoped.call(() -> sendGradient());
                 }
             };
             alias.register_hook(gradientHook);
@@ -419,7 +428,7 @@ public final class FusedLogProbs implements AutoCloseable {
                 @Override
                 public void call(TensorBase grad) {
                     final Tensor previous = upstream;
-                    upstream = new Tensor(grad);
+                    upstream = Unscoped.call(() -> new Tensor(grad));
                     grad.close();
                     if (previous != null) {
                         previous.close();

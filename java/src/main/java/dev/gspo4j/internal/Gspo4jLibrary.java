@@ -20,6 +20,14 @@ import org.bytedeco.javacpp.annotation.Platform;
 final class Gspo4jLibrary {
     static {
         Loader.load();
+        // The pool's default (Kernels.defaultThreads), before any kernel can start its workers.
+        // (Not while JavaCPP's builder reads this class: it loads no library.)
+        if (Loader.isLoadLibraries()) {
+            final int status = gspo4j_set_num_threads(Kernels.defaultThreads());
+            if (status != 0) {
+                throw new IllegalStateException("gspo4j_set_num_threads failed: " + gspo4j_last_error().getString());
+            }
+        }
     }
 
     private Gspo4jLibrary() {}

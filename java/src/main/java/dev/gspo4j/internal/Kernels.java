@@ -42,16 +42,62 @@ public final class Kernels {
         return Gspo4jLibrary.gspo4j_cuda_runtime_version();
     }
 
+    /** The system property that replaces the default thread count (see {@link #defaultThreads}). */
+    public static final String THREADS_PROPERTY = "gspo4j.threads";
+    /** The largest thread count (the C header's limit). */
+    public static final int MAX_THREADS = 1024;
+
     public static int numThreads() {
         return Gspo4jLibrary.gspo4j_get_num_threads();
     }
 
     /** CPU worker threads for the kernels; results do not depend on it. */
     public static void setNumThreads(int threads) {
-        if (threads < 1 || threads > 1024) {
-            throw new IllegalArgumentException("threads must be in [1, 1024], got " + threads);
+        if (threads < 1 || threads > MAX_THREADS) {
+            throw new IllegalArgumentException("threads must be in [1, " + MAX_THREADS + "], got " + threads);
         }
         check(Gspo4jLibrary.gspo4j_set_num_threads(threads));
+    }
+
+    /**
+     * The pool's default: {@code gspo4j.threads} when set, else the smaller of the JVM's available
+     * processors (cgroup quotas and affinity included) and libtorch's intra-op thread count, so
+     * gspo4j's workers and libtorch's OpenMP threads do not oversubscribe the CPUs between them.
+     *
+     * @throws IllegalArgumentException when the property is set but not an integer in [1, 1024]
+     */
+    public static int defaultThreads() {
+        final String property = System.getProperty(THREADS_PROPERTY);
+        if (property != null) {
+            final int threads;
+            try {
+                threads = Integer.parseInt(property.trim());
+            } catch (NumberFormatException e) {
+                throw threadsPropertyError(property);
+            }
+            if (threads < 1 || threads > MAX_THREADS) {
+                throw threadsPropertyError(property);
+            }
+            return threads;
+        }
+        final int processors = Runtime.getRuntime().availableProcessors();
+        return Math.max(1, Math.min(Math.min(processors, torchThreads()), MAX_THREADS));
+    }
+
+    private static IllegalArgumentException threadsPropertyError(String value) {
+        return new IllegalArgumentException("the system property " + THREADS_PROPERTY + " must be an integer in [1, " + MAX_THREADS
+                + "] (the CPU kernels' thread count), got \"" + value + "\"; remove it for the default (min of the available "
+                + "processors and torch.get_num_threads()) or call Gspo4j.setThreads");
+    }
+
+    // libtorch's intra-op thread count; the JVM's processor count when libtorch is not loadable
+    // (the kernels need no libtorch themselves).
+    private static int torchThreads() {
+        try {
+            return org.bytedeco.pytorch.global.torch.get_num_threads();
+        } catch (LinkageError e) {
+            return Integer.MAX_VALUE;
+        }
     }
 
     /**

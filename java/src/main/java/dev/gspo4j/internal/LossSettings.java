@@ -73,6 +73,11 @@ public record LossSettings(
     /** The largest coefficient magnitude (KL, entropy): beyond it the loss loses its own terms. */
     public static final double MAX_COEFFICIENT = 1e6;
 
+    /** Checks an explicit normaliser as the constructor does: 0 (the local count) or in [MIN_COUNT, MAX_COUNT]. */
+    public static void requireNormalizer(double value) {
+        requireCount(value, "normalizer", "0: the local count");
+    }
+
     private static void requireCount(double value, String name, String zeroMeans) {
         if (!(value == 0 || (value >= MIN_COUNT && value <= MAX_COUNT))) {
             throw new IllegalArgumentException(name + " must be 0 (" + zeroMeans + ") or in [" + MIN_COUNT + ", " + MAX_COUNT
