@@ -147,11 +147,12 @@ struct LossInputs {
 };
 
 // Pass 3, one CTA per response: the per-token coefficients and the response's partial sums, by
-// the CPU's own per-response and per-token math (loss_math.h). Three CTAs per multiprocessor, not
+// the CPU's own per-response and per-token math (loss_math.h). Two CTAs per multiprocessor, not
 // the four ptxas aims at for 256 threads: the token loop keeps a Partial (twelve doubles), the
-// clip bounds and the response's terms live beside fp64 exp, 72-75 registers, and the cap of 64
-// spilled (cuda/ptx_check.cmake fails the build on spills).
-__global__ void __launch_bounds__(kResponseThreads, 3) coefficients_kernel(gspo4j_loss_config config, DeviceLayout layout, LossInputs in,
+// clip bounds, the response's terms (VESPO's two weights, GMPO's sign) and every objective's
+// per-token branch beside fp64 exp and log, about 80 registers; at three CTAs (a cap of 85) ptxas
+// spilled, and cuda/ptx_check.cmake fails the build on spills. The pass is O(tokens).
+__global__ void __launch_bounds__(kResponseThreads, 2) coefficients_kernel(gspo4j_loss_config config, DeviceLayout layout, LossInputs in,
                                                                         const ResponseStats* __restrict__ stats,
                                                                         const math::Scales* __restrict__ scales,
                                                                         float* __restrict__ grad_logprob,
