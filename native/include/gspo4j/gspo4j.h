@@ -128,9 +128,11 @@ typedef enum gspo4j_metric {
     GSPO4J_METRIC_TOKENS = 12,         /* tokens with m = 1 */
     GSPO4J_METRIC_COUNT = 13
 } gspo4j_metric;
-/* Clip fractions count one decision per response for GSPO and one per counted token for
- * GSPO-token, GRPO and PPO; ratio statistics are per response for GSPO and GSPO-token (one ratio
- * s_b per response) and per counted token for GRPO / PPO. */
+/* Clip fractions count one decision per response for GSPO and LUSPO and one per counted token
+ * otherwise (GMPO: tokens its log-space clip cut; CISPO: weights cut by either bound; DPPO:
+ * dropped tokens, A > 0 as high and A <= 0 as low; SAPO and VESPO: none). Ratio statistics are
+ * per response for GSPO, GSPO-token, LUSPO and the sequence variants of CISPO and SAPO (s_b), GMPO
+ * (exp of the mean clipped log-ratio) and VESPO (W_b), and per counted token (r_t) otherwise. */
 
 typedef struct gspo4j_loss_config {
     int32_t ratio_level;      /* gspo4j_ratio_level */
@@ -267,8 +269,9 @@ GSPO4J_API gspo4j_status gspo4j_policy_loss(
  * Group-relative advantages of outcome rewards (float32[count]).
  * Groups are contiguous runs of group_size responses (group_ids NULL; group_size must divide
  * count) or the responses sharing a value of group_ids (int64[count]; group_size ignored).
- * A group whose rewards are all equal gets exactly 0; a group of one gets 0 for MEAN_STD and
- * MEAN and is an error for RLOO. eps: MEAN_STD's denominator guard (SPEC default 1e-6).
+ * A group whose rewards are all equal gets exactly 0; a group of one gets 0 for MEAN_STD, MEAN and
+ * MEAN_BATCH_STD and is an error for RLOO. eps: MEAN_STD's and MEAN_BATCH_STD's denominator guard
+ * (SPEC default 1e-6). MEAN_BATCH_STD divides by the std of all `count` rewards of the call.
  */
 GSPO4J_API gspo4j_status gspo4j_group_advantages(
     int32_t device, void* stream,
