@@ -49,8 +49,26 @@ __global__ void check_rewards_kernel(int64_t count, const float* __restrict__ re
     if (i < count && !isfinite(rewards[i])) report(record, DataError::kNonFiniteRewards, i);
 }
 
+// MEAN_BATCH_STD's denominator, one CTA: the Bessel-corrected std of every reward, two fixed-shape
+// tree reductions in float64 (0 for fewer than 2 rewards: the one group is then all equal).
+__global__ void __launch_bounds__(kThreads) batch_std_kernel(int64_t count, const float* __restrict__ rewards,
+                                                             double* __restrict__ batch_std) {
+    GSPO4J_SHARED(double, shared, 32);
+    double sum = 0.0;
+    for (int64_t i = threadIdx.x; i < count; i += kThreads) sum += rewards[i];
+    const double mean = block_reduce(sum, Add(), 0.0, shared) / static_cast<double>(count);
+    double squares = 0.0;
+    for (int64_t i = threadIdx.x; i < count; i += kThreads) {
+        const double centred = rewards[i] - mean;
+        squares += centred * centred;
+    }
+    const double total = block_reduce(squares, Add(), 0.0, shared);
+    if (threadIdx.x == 0) *batch_std = count > 1 ? sqrt(total / static_cast<double>(count - 1)) : 0.0;
+}
+
 __global__ void group_advantages_kernel(int64_t count, const float* __restrict__ rewards, int64_t group_size,
-                                        const int64_t* __restrict__ group_ids, int mode, double eps, ErrorRecord record,
+                                        const int64_t* __restrict__ group_ids, int mode, double eps,
+                                        const double* __restrict__ batch_std, ErrorRecord record,
                                         float* __restrict__ advantages) {
     const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (i >= count) return;
@@ -85,6 +103,8 @@ __global__ void group_advantages_kernel(int64_t count, const float* __restrict__
     const double r = rewards[i];
     if (mode == GSPO4J_ADVANTAGE_MEAN) {
         advantages[i] = static_cast<float>(r - mean);
+    } else if (mode == GSPO4J_ADVANTAGE_MEAN_BATCH_STD) {
+        advantages[i] = static_cast<float>((r - mean) / (*batch_std + eps));
     } else if (mode == GSPO4J_ADVANTAGE_RLOO) {
         advantages[i] = static_cast<float>(r - (sum - r) / (n - 1.0));
     } else {
@@ -137,8 +157,15 @@ void group_advantages(void* stream_pointer, int64_t count, const float* rewards,
         GSPO4J_LAUNCH(blocks_for(count), kThreads, 0, stream, check_rewards_kernel)(count, rewards, record);
         check_launch("check_rewards_kernel");
     }
-    GSPO4J_LAUNCH(blocks_for(count), kThreads, 0, stream, group_advantages_kernel)(count, rewards, group_size, group_ids, mode, eps, record,
-                                                                        advantages);
+    const bool batch_std = mode == GSPO4J_ADVANTAGE_MEAN_BATCH_STD;
+    Scratch scratch(batch_std ? sizeof(double) : 0, stream);
+    double* std_dev = batch_std ? scratch.as<double>() : nullptr;
+    if (batch_std) {
+        GSPO4J_LAUNCH(1, kThreads, 0, stream, batch_std_kernel)(count, rewards, std_dev);
+        check_launch("batch_std_kernel");
+    }
+    GSPO4J_LAUNCH(blocks_for(count), kThreads, 0, stream, group_advantages_kernel)(count, rewards, group_size, group_ids, mode, eps,
+                                                                                  std_dev, record, advantages);
     check_launch("group_advantages_kernel");
 }
 

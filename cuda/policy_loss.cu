@@ -26,9 +26,14 @@ __device__ __forceinline__ void require_finite(const float* values, int64_t i, D
 
 // What the first pass learns of each response.
 struct ResponseStats {
-    int64_t length;      // L_b: counted tokens
-    int64_t span;        // tokens in the response, counted or not (the longest sets Lnorm)
-    double log_ratio;    // (1/L_b) sum m (lp - olp), 0 when L_b = 0 or on-policy
+    math::ResponseSums sums;  // L_b, sum m (lp - olp), GMPO's sum m l_t
+    int64_t span;             // tokens in the response, counted or not (the longest sets Lnorm)
+};
+
+// GMPO's first pass also sums l_t, which needs A_b: `advantages` null for everything else.
+struct GeometricInputs {
+    const float* advantages;
+    gspo4j_loss_config config;
 };
 
 // Which inputs the first pass checks for NaN/Inf at counted tokens.
@@ -45,6 +50,7 @@ struct FiniteChecks {
 __global__ void __launch_bounds__(kResponseThreads) response_stats_kernel(DeviceLayout layout, const float* __restrict__ logprob,
                                                                           const float* __restrict__ old_logprob,
                                                                           const uint8_t* __restrict__ mask, FiniteChecks checks,
+                                                                          GeometricInputs geometric,
                                                                           ErrorRecord record, ResponseStats* __restrict__ stats,
                                                                           float* __restrict__ log_ratio_out,
                                                                           float* __restrict__ lengths_out) {
@@ -57,6 +63,8 @@ __global__ void __launch_bounds__(kResponseThreads) response_stats_kernel(Device
         clamp_range(layout.tokens, &begin, &end);
         long long count = 0;
         double sum = 0.0;
+        double geometric_sum = 0.0;
+        const double advantage = geometric.advantages ? static_cast<double>(geometric.advantages[b]) : 0.0;
         for (int64_t i = begin + threadIdx.x; i < end; i += kResponseThreads) {
             if (!counted(mask, i)) continue;
             ++count;
@@ -68,15 +76,21 @@ __global__ void __launch_bounds__(kResponseThreads) response_stats_kernel(Device
                 require_finite(checks.entropy, i, DataError::kNonFiniteEntropy, record);
             }
             if (old_logprob) sum += static_cast<double>(logprob[i]) - static_cast<double>(old_logprob[i]);
+            if (geometric.advantages) {
+                const double lp = logprob[i];
+                geometric_sum += math::geometric_term(geometric.config, lp, old_logprob ? static_cast<double>(old_logprob[i]) : lp,
+                                                      advantage);
+            }
         }
         const long long length = block_reduce(count, Add(), 0LL, shared_count);
         const double total = block_reduce(sum, Add(), 0.0, shared);
+        const double geometric_total = geometric.advantages ? block_reduce(geometric_sum, Add(), 0.0, shared) : 0.0;
         if (threadIdx.x == 0) {
             const double log_ratio = length > 0 ? total / static_cast<double>(length) : 0.0;
             if (checks.enabled && checks.advantages_per_response && length > 0) {
                 require_finite(checks.advantages, b, DataError::kNonFiniteAdvantages, record);
             }
-            if (stats) stats[b] = ResponseStats{length, end - begin, log_ratio};
+            if (stats) stats[b] = ResponseStats{math::ResponseSums{length, total, geometric_total}, end - begin};
             if (log_ratio_out) log_ratio_out[b] = static_cast<float>(log_ratio);
             if (lengths_out) lengths_out[b] = static_cast<float>(length);
         }
@@ -91,8 +105,8 @@ __global__ void __launch_bounds__(kTotalThreads) scales_kernel(gspo4j_loss_confi
     if (layout.rejected()) return;
     long long responses = 0, tokens = 0, longest = 0;
     for (int64_t b = threadIdx.x; b < layout.batch; b += kTotalThreads) {
-        responses += stats[b].length > 0 ? 1 : 0;
-        tokens += stats[b].length;
+        responses += stats[b].sums.length > 0 ? 1 : 0;
+        tokens += stats[b].sums.length;
         longest = stats[b].span > longest ? stats[b].span : longest;
     }
     responses = block_reduce(responses, Add(), 0LL, shared);
@@ -133,11 +147,12 @@ struct LossInputs {
 };
 
 // Pass 3, one CTA per response: the per-token coefficients and the response's partial sums, by
-// the CPU's own per-response and per-token math (loss_math.h). Three CTAs per multiprocessor, not
+// the CPU's own per-response and per-token math (loss_math.h). Two CTAs per multiprocessor, not
 // the four ptxas aims at for 256 threads: the token loop keeps a Partial (twelve doubles), the
-// clip bounds and the response's terms live beside fp64 exp, 72-75 registers, and the cap of 64
-// spilled (cuda/ptx_check.cmake fails the build on spills).
-__global__ void __launch_bounds__(kResponseThreads, 3) coefficients_kernel(gspo4j_loss_config config, DeviceLayout layout, LossInputs in,
+// clip bounds, the response's terms (VESPO's two weights, GMPO's sign) and every objective's
+// per-token branch beside fp64 exp and log, about 80 registers; at three CTAs (a cap of 85) ptxas
+// spilled, and cuda/ptx_check.cmake fails the build on spills. The pass is O(tokens).
+__global__ void __launch_bounds__(kResponseThreads, 2) coefficients_kernel(gspo4j_loss_config config, DeviceLayout layout, LossInputs in,
                                                                         const ResponseStats* __restrict__ stats,
                                                                         const math::Scales* __restrict__ scales,
                                                                         float* __restrict__ grad_logprob,
@@ -156,7 +171,7 @@ __global__ void __launch_bounds__(kResponseThreads, 3) coefficients_kernel(gspo4
         // own's twelve doubles in local memory (a 104-byte stack frame and a spill, ptxas -v).
         math::Partial own;
         const math::Response response =
-            math::begin_response(config, clip, s, stats[b].length, stats[b].log_ratio, in.advantages, b, &own);
+            math::begin_response(config, clip, s, stats[b].sums, in.advantages, b, &own);
         if (threadIdx.x != 0) own = math::Partial();
         for (int64_t i = begin + threadIdx.x; i < end; i += kResponseThreads) {
             if (!counted(in.mask, i)) {
@@ -164,9 +179,7 @@ __global__ void __launch_bounds__(kResponseThreads, 3) coefficients_kernel(gspo4
                 if (grad_entropy) grad_entropy[i] = 0.0f;
                 continue;
             }
-            const double advantage = config.ratio_level == GSPO4J_RATIO_SEQUENCE ? 0.0
-                                     : in.advantages_per_token                   ? in.advantages[i]
-                                                                                 : in.advantages[b];
+            const double advantage = in.advantages_per_token ? in.advantages[i] : in.advantages[b];
             math::counted_token(config, clip, response, i, in.logprob, in.old_logprob, advantage, in.ref_logprob, in.entropy, own,
                                 grad_logprob, grad_entropy);
         }
@@ -215,8 +228,10 @@ void sequence_log_ratio(void* stream_pointer, const TokenLayout& layout, const f
     const CheckedLayout checked(stream, layout, record);
     if (layout.batch == 0) return;
     const FiniteChecks checks{check_finite, false, false, nullptr, nullptr, nullptr};
+    GeometricInputs geometric{};
+    geometric.advantages = nullptr;
     GSPO4J_LAUNCH(response_grid(layout.batch), kResponseThreads, 0, stream, response_stats_kernel)(
-        checked.device(), logprob, old_logprob, mask, checks, record, nullptr, log_ratio, lengths);
+        checked.device(), logprob, old_logprob, mask, checks, geometric, record, nullptr, log_ratio, lengths);
     check_launch("sequence_log_ratio response_stats_kernel");
 }
 
@@ -244,8 +259,9 @@ void policy_loss(void* stream_pointer, const gspo4j_loss_config& config, const T
     if (layout.batch > 0) {
         const FiniteChecks checks{config.check_finite != 0, advantages_per_token, !advantages_per_token, advantages,
                                   use_kl ? ref_logprob : nullptr, entropy};
+        const GeometricInputs geometric{config.objective == GSPO4J_OBJECTIVE_GMPO ? advantages : nullptr, config};
         GSPO4J_LAUNCH(response_grid(layout.batch), kResponseThreads, 0, stream, response_stats_kernel)(
-            device, logprob, old_logprob, mask, checks, record, stats, nullptr, nullptr);
+            device, logprob, old_logprob, mask, checks, geometric, record, stats, nullptr, nullptr);
         check_launch("policy_loss response_stats_kernel");
     }
     GSPO4J_LAUNCH(1, kTotalThreads, 0, stream, scales_kernel)(config, device, stats, scales);

@@ -955,13 +955,50 @@ void policy_loss_section() {
     }
     // Every KL estimator with each ratio level; no responses; all empty; checking off with NaN.
     for (int level : {GSPO4J_RATIO_TOKEN, GSPO4J_RATIO_SEQUENCE, GSPO4J_RATIO_SEQUENCE_TOKEN}) {
-        for (int kl = GSPO4J_KL_K1; kl <= GSPO4J_KL_K3; ++kl) {
+        for (int kl = GSPO4J_KL_K1; kl <= GSPO4J_KL_ABS; ++kl) {
             gspo4j_loss_config c = loss_config(level, GSPO4J_TOKEN_MEAN, 1);
             c.kl_estimator = kl;
             c.kl_coef = 0.1;
             c.entropy_coef = 0.02;
             const Batch b = make_batch(5, kl % 2 == 0, 0.3);
             if (selected("policy_loss kl " + describe(c, b, false, false), false)) policy_loss_case(c, b, false, false, true, true);
+        }
+    }
+    // The further objectives (SPEC.md "Further objectives"), each at the ratio levels it takes, with
+    // every KL estimator in turn, padded and packed, on and off policy.
+    struct ObjectiveCase {
+        int objective;
+        int level;
+    };
+    const ObjectiveCase objectives[] = {
+        {GSPO4J_OBJECTIVE_CISPO, GSPO4J_RATIO_TOKEN},   {GSPO4J_OBJECTIVE_CISPO, GSPO4J_RATIO_SEQUENCE_TOKEN},
+        {GSPO4J_OBJECTIVE_SAPO, GSPO4J_RATIO_TOKEN},    {GSPO4J_OBJECTIVE_SAPO, GSPO4J_RATIO_SEQUENCE_TOKEN},
+        {GSPO4J_OBJECTIVE_GMPO, GSPO4J_RATIO_SEQUENCE}, {GSPO4J_OBJECTIVE_LUSPO, GSPO4J_RATIO_SEQUENCE},
+        {GSPO4J_OBJECTIVE_VESPO, GSPO4J_RATIO_TOKEN},   {GSPO4J_OBJECTIVE_DPPO_TV, GSPO4J_RATIO_TOKEN},
+        {GSPO4J_OBJECTIVE_DPPO_KL, GSPO4J_RATIO_TOKEN},
+    };
+    long objective_turn = 0;
+    for (const ObjectiveCase& o : objectives) {
+        for (bool packed : {false, true}) {
+            for (bool on_policy : {false, true}) {
+                ++objective_turn;
+                gspo4j_loss_config c = loss_config(o.level, static_cast<int>(objective_turn % 4), objective_turn);
+                c.objective = o.objective;
+                c.kl_estimator = static_cast<int32_t>(objective_turn % 6);
+                c.kl_coef = 0.05;
+                if (o.objective != GSPO4J_OBJECTIVE_LUSPO) c.dual_clip = 0.0;
+                if (o.level == GSPO4J_RATIO_SEQUENCE) {
+                    c.eps_low = 0.01;
+                    c.eps_high = 0.02;
+                }
+                c.dppo_delta_low = o.objective == GSPO4J_OBJECTIVE_DPPO_KL ? 0.002 : 0.02;
+                c.dppo_delta_high = c.dppo_delta_low;
+                c.dppo_ratio_cap = objective_turn % 3 == 0 ? 1.1 : 20.0;
+                const Batch b = make_batch(5 + objective_turn % 3, packed, objective_turn % 2 ? 0.5 : 0.05);
+                const bool per_token = o.level != GSPO4J_RATIO_SEQUENCE && objective_turn % 3 != 1;
+                const std::string what = format("policy_loss objective=%d ", o.objective) + describe(c, b, on_policy, per_token);
+                if (selected(what)) policy_loss_case(c, b, on_policy, per_token, objective_turn % 2 == 0, true);
+            }
         }
     }
     for (bool packed : {false, true}) {
@@ -1045,7 +1082,7 @@ void group_advantages_case(const std::string& what, const std::vector<float>& re
 }
 
 void advantages_section() {
-    for (int mode : {GSPO4J_ADVANTAGE_MEAN_STD, GSPO4J_ADVANTAGE_MEAN, GSPO4J_ADVANTAGE_RLOO}) {
+    for (int mode : {GSPO4J_ADVANTAGE_MEAN_STD, GSPO4J_ADVANTAGE_MEAN, GSPO4J_ADVANTAGE_RLOO, GSPO4J_ADVANTAGE_MEAN_BATCH_STD}) {
         for (int64_t group : {int64_t{2}, int64_t{4}, int64_t{8}}) {
             std::vector<float> rewards(static_cast<size_t>(group * 5));
             for (auto& r : rewards) r = uniform_int(0, 2) == 0 ? 1.0f : normal(1.0f);
@@ -1062,7 +1099,7 @@ void advantages_section() {
         }
     }
     // Groups of one (0 for MEAN_STD and MEAN; an error for RLOO), by id and contiguous.
-    for (int mode : {GSPO4J_ADVANTAGE_MEAN_STD, GSPO4J_ADVANTAGE_MEAN, GSPO4J_ADVANTAGE_RLOO}) {
+    for (int mode : {GSPO4J_ADVANTAGE_MEAN_STD, GSPO4J_ADVANTAGE_MEAN, GSPO4J_ADVANTAGE_RLOO, GSPO4J_ADVANTAGE_MEAN_BATCH_STD}) {
         group_advantages_case(format("group_advantages mode=%d groups of one", mode), {0.5f, 1.0f, -2.0f}, 1, {}, mode, 1e-6, true);
         group_advantages_case(format("group_advantages mode=%d a group of one by id", mode), {0.5f, 1.0f, -2.0f, 4.0f}, 0, {3, 9, 3, 3}, mode,
                               1e-6, true);
@@ -1072,7 +1109,7 @@ void advantages_section() {
     for (int position : {0, 1, 3}) {
         std::vector<float> rewards = {1.0f, 1.0f, 1.0f, 1.0f, 0.0f, 1.0f, 0.0f, 1.0f};
         rewards[static_cast<size_t>(position)] = kNaN;
-        for (int mode : {GSPO4J_ADVANTAGE_MEAN_STD, GSPO4J_ADVANTAGE_MEAN, GSPO4J_ADVANTAGE_RLOO}) {
+        for (int mode : {GSPO4J_ADVANTAGE_MEAN_STD, GSPO4J_ADVANTAGE_MEAN, GSPO4J_ADVANTAGE_RLOO, GSPO4J_ADVANTAGE_MEAN_BATCH_STD}) {
             group_advantages_case(format("group_advantages mode=%d NaN at %d unchecked", mode, position), rewards, 4, {}, mode, 1e-6, false);
             group_advantages_case(format("group_advantages mode=%d NaN at %d checked", mode, position), rewards, 4, {}, mode, 1e-6, true);
         }

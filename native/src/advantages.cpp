@@ -14,8 +14,9 @@ namespace cpu {
 namespace {
 
 // Advantages of one group, given the indices of its members. Sums in float64.
+// `batch_std`: MEAN_BATCH_STD's denominator, the std of every reward of the call.
 void advantages_of_group(const float* rewards, const int64_t* members, int64_t size, int32_t mode, double eps,
-                         const int64_t* group_ids, float* advantages) {
+                         double batch_std, const int64_t* group_ids, float* advantages) {
     float low = rewards[members[0]];
     float high = low;
     double sum = 0.0;
@@ -41,6 +42,10 @@ void advantages_of_group(const float* rewards, const int64_t* members, int64_t s
     const double mean = sum / n;
     if (mode == GSPO4J_ADVANTAGE_MEAN) {
         for (int64_t k = 0; k < size; ++k) advantages[members[k]] = static_cast<float>(rewards[members[k]] - mean);
+    } else if (mode == GSPO4J_ADVANTAGE_MEAN_BATCH_STD) {
+        for (int64_t k = 0; k < size; ++k) {
+            advantages[members[k]] = static_cast<float>((rewards[members[k]] - mean) / (batch_std + eps));
+        }
     } else if (mode == GSPO4J_ADVANTAGE_RLOO) {
         for (int64_t k = 0; k < size; ++k) {
             const double r = rewards[members[k]];
@@ -70,6 +75,19 @@ void group_advantages(int64_t count, const float* rewards, int64_t group_size, c
             }
         }
     }
+    // MEAN_BATCH_STD: the Bessel-corrected std of all `count` rewards, two passes in float64.
+    double batch_std = 0.0;
+    if (mode == GSPO4J_ADVANTAGE_MEAN_BATCH_STD && count > 1) {
+        double sum = 0.0;
+        for (int64_t i = 0; i < count; ++i) sum += rewards[i];
+        const double mean = sum / static_cast<double>(count);
+        double squares = 0.0;
+        for (int64_t i = 0; i < count; ++i) {
+            const double centred = rewards[i] - mean;
+            squares += centred * centred;
+        }
+        batch_std = std::sqrt(squares / static_cast<double>(count - 1));
+    }
     std::vector<int64_t> order(static_cast<size_t>(count));
     std::iota(order.begin(), order.end(), int64_t{0});
     if (group_ids == nullptr) {
@@ -78,7 +96,7 @@ void group_advantages(int64_t count, const float* rewards, int64_t group_size, c
                                                     std::to_string(count) + " rewards");
         }
         for (int64_t start = 0; start < count; start += group_size) {
-            advantages_of_group(rewards, order.data() + start, group_size, mode, eps, nullptr, advantages);
+            advantages_of_group(rewards, order.data() + start, group_size, mode, eps, batch_std, nullptr, advantages);
         }
         return;
     }
@@ -87,7 +105,7 @@ void group_advantages(int64_t count, const float* rewards, int64_t group_size, c
     for (int64_t start = 0; start < count;) {
         int64_t stop = start + 1;
         while (stop < count && group_ids[order[stop]] == group_ids[order[start]]) ++stop;
-        advantages_of_group(rewards, order.data() + start, stop - start, mode, eps, group_ids, advantages);
+        advantages_of_group(rewards, order.data() + start, stop - start, mode, eps, batch_std, group_ids, advantages);
         start = stop;
     }
 }

@@ -176,6 +176,17 @@ gspo4j_status gspo4j_loss_config_init(gspo4j_loss_config* config) {
     config->length_norm = 0.0;
     config->kl_coef = 0.0;
     config->entropy_coef = 0.0;
+    config->objective = GSPO4J_OBJECTIVE_CLIP;
+    config->reserved = 0;
+    config->sapo_tau_pos = 1.0;
+    config->sapo_tau_neg = 1.05;
+    config->vespo_k_pos = 2.0;
+    config->vespo_lambda_pos = 3.0;
+    config->vespo_k_neg = 3.0;
+    config->vespo_lambda_neg = 2.0;
+    config->dppo_delta_low = 0.15;
+    config->dppo_delta_high = 0.15;
+    config->dppo_ratio_cap = 20.0;
     GSPO4J_API_END()
 }
 
@@ -251,10 +262,48 @@ gspo4j_status gspo4j_policy_loss(int32_t device, void* stream, const gspo4j_loss
                   "config.ratio_level must be 0 (token), 1 (sequence) or 2 (sequence-token), got " + std::to_string(c.ratio_level));
     check.require(c.aggregation >= GSPO4J_SEQ_MEAN_TOKEN_MEAN && c.aggregation <= GSPO4J_SEQ_MEAN_TOKEN_SUM_NORM,
                   "config.aggregation must be in [0, 3], got " + std::to_string(c.aggregation));
-    check.require(c.kl_estimator >= GSPO4J_KL_K1 && c.kl_estimator <= GSPO4J_KL_K3,
-                  "config.kl_estimator must be 0 (k1), 1 (k2) or 2 (k3), got " + std::to_string(c.kl_estimator));
-    check.require(std::isfinite(c.eps_low) && c.eps_low >= 0.0 && c.eps_low < 1.0,
-                  "config.eps_low must be in [0, 1), got " + std::to_string(c.eps_low));
+    check.require(c.kl_estimator >= GSPO4J_KL_K1 && c.kl_estimator <= GSPO4J_KL_ABS,
+                  "config.kl_estimator must be 0 (k1), 1 (k2), 2 (k3), 3 (k3+), 4 (unbiased k3) or 5 (abs), got " +
+                      std::to_string(c.kl_estimator));
+    check.require(c.objective >= GSPO4J_OBJECTIVE_CLIP && c.objective <= GSPO4J_OBJECTIVE_DPPO_KL,
+                  "config.objective must be in [0, 7], got " + std::to_string(c.objective));
+    switch (c.objective) {
+        case GSPO4J_OBJECTIVE_CISPO:
+        case GSPO4J_OBJECTIVE_SAPO:
+            check.require(c.ratio_level != GSPO4J_RATIO_SEQUENCE,
+                          "CISPO and SAPO take ratio_level 0 (token) or 2 (sequence-token), got 1 (sequence)");
+            break;
+        case GSPO4J_OBJECTIVE_GMPO:
+        case GSPO4J_OBJECTIVE_LUSPO:
+            check.require(c.ratio_level == GSPO4J_RATIO_SEQUENCE,
+                          "GMPO and LUSPO take ratio_level 1 (sequence), got " + std::to_string(c.ratio_level));
+            break;
+        case GSPO4J_OBJECTIVE_VESPO:
+        case GSPO4J_OBJECTIVE_DPPO_TV:
+        case GSPO4J_OBJECTIVE_DPPO_KL:
+            check.require(c.ratio_level == GSPO4J_RATIO_TOKEN,
+                          "VESPO and DPPO take ratio_level 0 (token), got " + std::to_string(c.ratio_level));
+            break;
+        default:
+            break;
+    }
+    check.require(c.dual_clip == 0.0 || c.objective == GSPO4J_OBJECTIVE_CLIP || c.objective == GSPO4J_OBJECTIVE_LUSPO,
+                  "config.dual_clip applies to the clipped objectives (GSPO, GSPO-token, GRPO, PPO, LUSPO); set it to 0");
+    check.require(std::isfinite(c.sapo_tau_pos) && c.sapo_tau_pos > 0.0 && std::isfinite(c.sapo_tau_neg) && c.sapo_tau_neg > 0.0,
+                  "config.sapo_tau_pos and sapo_tau_neg must be finite and > 0, got " + std::to_string(c.sapo_tau_pos) + " and " +
+                      std::to_string(c.sapo_tau_neg));
+    check.finite(c.vespo_k_pos, "config.vespo_k_pos");
+    check.finite(c.vespo_lambda_pos, "config.vespo_lambda_pos");
+    check.finite(c.vespo_k_neg, "config.vespo_k_neg");
+    check.finite(c.vespo_lambda_neg, "config.vespo_lambda_neg");
+    check.require(std::isfinite(c.dppo_delta_low) && c.dppo_delta_low >= 0.0 && std::isfinite(c.dppo_delta_high) &&
+                      c.dppo_delta_high >= 0.0,
+                  "config.dppo_delta_low and dppo_delta_high must be finite and >= 0, got " + std::to_string(c.dppo_delta_low) +
+                      " and " + std::to_string(c.dppo_delta_high));
+    check.require(std::isfinite(c.dppo_ratio_cap) && c.dppo_ratio_cap > 0.0,
+                  "config.dppo_ratio_cap must be finite and > 0, got " + std::to_string(c.dppo_ratio_cap));
+    check.require(std::isfinite(c.eps_low) && c.eps_low >= 0.0 && c.eps_low <= 1.0,
+                  "config.eps_low must be in [0, 1] (1: no lower bound), got " + std::to_string(c.eps_low));
     check.require(std::isfinite(c.eps_high) && c.eps_high >= 0.0, "config.eps_high must be finite and >= 0, got " + std::to_string(c.eps_high));
     check.require(c.dual_clip == 0.0 || (std::isfinite(c.dual_clip) && c.dual_clip > 1.0),
                   "config.dual_clip must be 0 (off) or > 1, got " + std::to_string(c.dual_clip));
@@ -267,7 +316,7 @@ gspo4j_status gspo4j_policy_loss(int32_t device, void* stream, const gspo4j_loss
     check.finite(c.kl_coef, "config.kl_coef");
     check.finite(c.entropy_coef, "config.entropy_coef");
     check.require(!(c.ratio_level == GSPO4J_RATIO_SEQUENCE && advantages_per_token),
-                  "GSPO's sequence ratio needs one advantage per response; use GSPO-token for per-token advantages");
+                  "a sequence objective (GSPO, LUSPO, GMPO) needs one advantage per response; use GSPO-token for per-token advantages");
     const gspo4j::TokenLayout layout = check.layout(batch, seq, tokens, offsets);
     check.pointer(loss, "loss");
     if (tokens > 0) {
@@ -289,8 +338,8 @@ gspo4j_status gspo4j_group_advantages(int32_t device, void* stream, int64_t coun
     const Checker check("gspo4j_group_advantages");
     check.device(device, stream);
     check.non_negative(count, "count");
-    check.require(mode >= GSPO4J_ADVANTAGE_MEAN_STD && mode <= GSPO4J_ADVANTAGE_RLOO,
-                  "mode must be 0 (MEAN_STD), 1 (MEAN) or 2 (RLOO), got " + std::to_string(mode));
+    check.require(mode >= GSPO4J_ADVANTAGE_MEAN_STD && mode <= GSPO4J_ADVANTAGE_MEAN_BATCH_STD,
+                  "mode must be 0 (MEAN_STD), 1 (MEAN), 2 (RLOO) or 3 (MEAN_BATCH_STD), got " + std::to_string(mode));
     check.require(std::isfinite(eps) && eps >= 0.0, "eps must be finite and >= 0, got " + std::to_string(eps));
     if (!group_ids) check.require(group_size > 0, "group_size must be > 0 without group_ids, got " + std::to_string(group_size));
     if (count > 0) {

@@ -78,22 +78,70 @@ struct Clip {
     }
 };
 
-GSPO4J_HOST_DEVICE inline double kl_value(int32_t estimator, double d) {
-    switch (estimator) {
-        case GSPO4J_KL_K1: return -d;
-        case GSPO4J_KL_K2: return 0.5 * d * d;
-        default: return exp_of(d) - d - 1.0;
-    }
+GSPO4J_HOST_DEVICE inline double log_of(double x) {
+#ifdef __CUDA_ARCH__
+    return ::log(x);
+#else
+    return std::log(x);
+#endif
 }
 
-// d(k)/d(lp) with d = ref - lp.
-GSPO4J_HOST_DEVICE inline double kl_gradient(int32_t estimator, double d) {
+// A term's value and its derivative by lp, before the aggregation's weight and the loss sign.
+struct Term {
+    double value;
+    double gradient;
+};
+
+// The KL term of a counted token: d = ref - lp clamped to [-R, R] (no gradient through d outside),
+// x = lp - olp likewise for K3_UNBIASED's ratio r = exp(x).
+GSPO4J_HOST_DEVICE inline Term kl_term(int32_t estimator, const Clip& clip, double lp, double olp, double ref) {
+    const double raw = ref - lp;
+    const double d = min_of(max_of(raw, -clip.clamp), clip.clamp);
+    const bool inside = raw >= -clip.clamp && raw <= clip.clamp;
+    Term t;
     switch (estimator) {
-        case GSPO4J_KL_K1: return 1.0;
-        case GSPO4J_KL_K2: return -d;
-        default: return 1.0 - exp_of(d);
+        case GSPO4J_KL_K1:
+            t.value = -d;
+            t.gradient = 1.0;
+            break;
+        case GSPO4J_KL_K2:
+            t.value = 0.5 * d * d;
+            t.gradient = -d;
+            break;
+        case GSPO4J_KL_K3_PLUS:  // the value of k3, the gradient of k2
+            t.value = exp_of(d) - d - 1.0;
+            t.gradient = -d;
+            break;
+        case GSPO4J_KL_ABS:  // |d|; d|d|/dlp = -sign(d), 0 at d = 0 as autograd's abs
+            t.value = d < 0.0 ? -d : d;
+            t.gradient = d > 0.0 ? -1.0 : d < 0.0 ? 1.0 : 0.0;
+            break;
+        case GSPO4J_KL_K3_UNBIASED: {  // r * k3, through both factors
+            bool ratio_inside = true;
+            const double r = clip.ratio(lp - olp, &ratio_inside);
+            const double k3 = exp_of(d) - d - 1.0;
+            t.value = r * k3;
+            t.gradient = (ratio_inside ? r * k3 : 0.0) + (inside ? r * (1.0 - exp_of(d)) : 0.0);
+            return t;
+        }
+        default:  // k3
+            t.value = exp_of(d) - d - 1.0;
+            t.gradient = 1.0 - exp_of(d);
+            break;
     }
+    if (!inside) t.gradient = 0.0;
+    return t;
 }
+
+// GMPO's log-space clip of a token log-ratio x on the pessimistic side only:
+// l = a min(a x, a clip(x, -eps_low, eps_high)) with a = sign(A_b). `unclipped`: l is x itself.
+GSPO4J_HOST_DEVICE inline double geometric_log_ratio(const gspo4j_loss_config& config, double x, double sign, bool* unclipped) {
+    const double bounded = min_of(max_of(x, -config.eps_low), config.eps_high);
+    *unclipped = sign * x <= sign * bounded;
+    return sign * min_of(sign * x, sign * bounded);
+}
+
+GSPO4J_HOST_DEVICE inline double sign_of(double a) { return a > 0.0 ? 1.0 : a < 0.0 ? -1.0 : 0.0; }
 
 // The aggregation's denominators, from the counts of the batch.
 struct Scales {
@@ -177,44 +225,160 @@ struct Partial {
     }
 };
 
+// What the first pass learns of a response: its counted tokens and sums over them.
+struct ResponseSums {
+    int64_t length;        // L_b
+    double log_ratio_sum;  // sum m (lp - olp), 0 on-policy
+    double geometric_sum;  // GMPO: sum m l_t (0 for the other objectives)
+};
+
+// GMPO's l_t of counted token i, or 0 for the other objectives: the first pass sums it.
+GSPO4J_HOST_DEVICE inline double geometric_term(const gspo4j_loss_config& config, double lp, double olp, double advantage) {
+    if (config.objective != GSPO4J_OBJECTIVE_GMPO) return 0.0;
+    const double x = min_of(max_of(lp - olp, -config.log_ratio_clamp), config.log_ratio_clamp);
+    bool unclipped = true;
+    return geometric_log_ratio(config, x, sign_of(advantage), &unclipped);
+}
+
+// Whether the ratio statistics are one per response (GSPO, GSPO-token, LUSPO, GMPO, VESPO, and the
+// sequence variants of CISPO and SAPO) or one per counted token.
+GSPO4J_HOST_DEVICE inline bool ratio_per_response(const gspo4j_loss_config& config) {
+    return config.ratio_level != GSPO4J_RATIO_TOKEN || config.objective == GSPO4J_OBJECTIVE_VESPO;
+}
+
 // What a response fixes for all its tokens.
 struct Response {
     double weight;             // of each counted token's q: token_scale, divided by L_b for a per-response mean
-    double sequence_ratio;     // s_b (GSPO, GSPO-token); 1 at token level
+    double sequence_ratio;     // s_b (GSPO, GSPO-token, LUSPO), rho_b (GMPO), W_b (VESPO); 1 at token level
     bool sequence_inside;      // s_b's log-ratio inside [-R, R]
-    double sequence_gradient;  // GSPO: dLoss/dlp of each counted token
+    double sequence_gradient;  // sequence objectives: dLoss/dlp of each counted token (GMPO: of each unclipped one)
+    double phi_pos;            // VESPO's sg weight phi(W_b) for A >= 0
+    double phi_neg;            // ... and for A < 0
+    double advantage_sign;     // GMPO: sign(A_b)
 };
 
-// Starts response b of `length` counted tokens and mean log-ratio `log_ratio`. GSPO's one clip
-// decision and the per-response ratio statistics go to `part` (nullable: with several threads per
-// response, one of them passes it). advantages[b] is read only for GSPO.
+// Starts response b. A sequence objective's one term J_b (GSPO, LUSPO, GMPO), its clip decision and
+// the per-response ratio statistics go to `part` (nullable: with several threads per response, one
+// of them passes it). advantages[b] is read only for the sequence objectives.
 GSPO4J_HOST_DEVICE inline Response begin_response(const gspo4j_loss_config& config, const Clip& clip, const Scales& s,
-                                                  int64_t length, double log_ratio, const float* advantages, int64_t b,
+                                                  const ResponseSums& sums, const float* advantages, int64_t b,
                                                   Partial* part) {
     const int32_t level = config.ratio_level;
+    const int64_t length = sums.length;
+    const double n = static_cast<double>(length);
     Response r;
-    r.weight = length == 0 ? 0.0 : s.divide_by_length ? s.token_scale / static_cast<double>(length) : s.token_scale;
+    r.weight = length == 0 ? 0.0 : s.divide_by_length ? s.token_scale / n : s.token_scale;
     r.sequence_inside = true;
+    r.phi_pos = 0.0;
+    r.phi_neg = 0.0;
+    r.advantage_sign = 0.0;
+    const double log_ratio = length > 0 ? sums.log_ratio_sum / n : 0.0;
     r.sequence_ratio = level == GSPO4J_RATIO_TOKEN ? 1.0 : clip.ratio(log_ratio, &r.sequence_inside);
-    double sequence_coefficient = 0.0;  // GSPO: dJ_b/dlp per counted token, before the loss sign
-    if (level == GSPO4J_RATIO_SEQUENCE && length > 0) {
+    double sequence_coefficient = 0.0;  // dJ_b/dlp per counted token, before the loss sign
+    if (config.objective == GSPO4J_OBJECTIVE_VESPO) {
+        // W_b = exp(clamp(sum m x, -R, R)); phi = W^k exp(lambda (1 - W)), in log space.
+        const double log_w = min_of(max_of(sums.log_ratio_sum, -clip.clamp), clip.clamp);
+        const double w = exp_of(log_w);
+        r.sequence_ratio = w;
+        r.phi_pos = exp_of(config.vespo_k_pos * log_w + config.vespo_lambda_pos * (1.0 - w));
+        r.phi_neg = exp_of(config.vespo_k_neg * log_w + config.vespo_lambda_neg * (1.0 - w));
+    } else if (config.objective == GSPO4J_OBJECTIVE_GMPO && length > 0) {
         const double a = advantages[b];
+        r.advantage_sign = sign_of(a);
+        r.sequence_ratio = exp_of(sums.geometric_sum / n);  // each l_t lies in [-R, R]
+        r.sequence_inside = true;
+        if (part) part->surrogate += r.sequence_ratio * a;
+        sequence_coefficient = a * r.sequence_ratio / n;
+    } else if (level == GSPO4J_RATIO_SEQUENCE && length > 0) {
+        // GSPO, or LUSPO: L_b times GSPO's term.
+        const double a = advantages[b];
+        const double length_weight = config.objective == GSPO4J_OBJECTIVE_LUSPO ? n : 1.0;
         const Clip::Decision d = clip.decide(r.sequence_ratio, a);
         if (part) {
-            part->surrogate += d.objective;
+            part->surrogate += length_weight * d.objective;
             part->clip_low += d.clipped_low;
             part->clip_high += d.clipped_high;
             part->dual_clip += d.dual_clipped;
         }
-        if (d.gradient && r.sequence_inside) sequence_coefficient = a * r.sequence_ratio / static_cast<double>(length);
+        if (d.gradient && r.sequence_inside) sequence_coefficient = length_weight * a * r.sequence_ratio / n;
     }
     r.sequence_gradient = -s.response_scale * sequence_coefficient;
-    if (level != GSPO4J_RATIO_TOKEN && length > 0 && part) part->add_ratio(r.sequence_ratio);
+    if (ratio_per_response(config) && length > 0 && part) part->add_ratio(r.sequence_ratio);
     return r;
 }
 
+// The clip decisions a token's policy term reports.
+struct TermFlags {
+    bool clipped_low;
+    bool clipped_high;
+    bool dual_clipped;
+};
+
+// The per-token policy term q_t of the token-level objectives (everything but GSPO, LUSPO and GMPO):
+// its value and dq/dlp. `ratio` is r_t (ratio level TOKEN) or s_b (SEQUENCE_TOKEN), `inside` false
+// where the [-R, R] clamp cut its gradient.
+GSPO4J_HOST_DEVICE inline Term token_policy_term(const gspo4j_loss_config& config, const Clip& clip, const Response& r,
+                                                 double ratio, bool inside, double lp, double olp, double advantage,
+                                                 TermFlags* flags) {
+    Term t;
+    flags->clipped_low = false;
+    flags->clipped_high = false;
+    flags->dual_clipped = false;
+    switch (config.objective) {
+        case GSPO4J_OBJECTIVE_CISPO: {  // sg[clip(ratio)] A lp: clipped tokens keep a gradient
+            const double w = min_of(max_of(ratio, clip.low), clip.high);
+            t.value = w * advantage * lp;
+            t.gradient = w * advantage;
+            flags->clipped_low = ratio < clip.low;
+            flags->clipped_high = ratio > clip.high;
+            return t;
+        }
+        case GSPO4J_OBJECTIVE_SAPO: {  // (4/tau) sigmoid(tau (ratio - 1)) A
+            const double tau = advantage > 0.0 ? config.sapo_tau_pos : config.sapo_tau_neg;
+            const double gate = 1.0 / (1.0 + exp_of(-tau * (ratio - 1.0)));
+            t.value = 4.0 / tau * gate * advantage;
+            t.gradient = inside ? 4.0 * gate * (1.0 - gate) * ratio * advantage : 0.0;
+            return t;
+        }
+        case GSPO4J_OBJECTIVE_VESPO: {  // sg[phi(W_b)] A lp
+            const double phi = advantage >= 0.0 ? r.phi_pos : r.phi_neg;
+            t.value = phi * advantage * lp;
+            t.gradient = phi * advantage;
+            return t;
+        }
+        case GSPO4J_OBJECTIVE_DPPO_TV:
+        case GSPO4J_OBJECTIVE_DPPO_KL: {  // keep sg[min(r, C)] A lp
+            const double p = exp_of(lp);
+            const double p_old = exp_of(olp);
+            bool keep;
+            if (config.objective == GSPO4J_OBJECTIVE_DPPO_TV) {
+                keep = advantage > 0.0 ? p - p_old <= config.dppo_delta_high : p - p_old >= -config.dppo_delta_low;
+            } else {
+                const double binary_kl = p_old * (olp - lp) + (1.0 - p_old) * log_of((1.0 - p_old + 1e-8) / (1.0 - p + 1e-8));
+                keep = advantage > 0.0 ? (binary_kl <= config.dppo_delta_high || p <= p_old)
+                                       : (binary_kl <= config.dppo_delta_low || p >= p_old);
+            }
+            const double w = keep ? min_of(ratio, config.dppo_ratio_cap) : 0.0;
+            t.value = w * advantage * lp;
+            t.gradient = w * advantage;
+            flags->clipped_high = !keep && advantage > 0.0;
+            flags->clipped_low = !keep && !(advantage > 0.0);
+            return t;
+        }
+        default: {  // the clipped surrogate min(ratio A, clip(ratio) A), dual-clipped
+            const Clip::Decision d = clip.decide(ratio, advantage);
+            t.value = d.objective;
+            t.gradient = d.gradient && inside ? advantage * ratio : 0.0;
+            flags->clipped_low = d.clipped_low;
+            flags->clipped_high = d.clipped_high;
+            flags->dual_clipped = d.dual_clipped;
+            return t;
+        }
+    }
+}
+
 // Counted token i of a response: writes dLoss/dlp and dLoss/dH (nullable) and adds its terms to
-// `part`. `advantage` is the token's A (per token, or its response's), unused for GSPO.
+// `part`. `advantage` is the token's A (per token, or its response's), unused for GSPO and LUSPO.
 GSPO4J_HOST_DEVICE inline void counted_token(const gspo4j_loss_config& config, const Clip& clip, const Response& r, int64_t i,
                                              const float* logprob, const float* old_logprob, double advantage,
                                              const float* ref_logprob, const float* entropy, Partial& part,
@@ -223,26 +387,33 @@ GSPO4J_HOST_DEVICE inline void counted_token(const gspo4j_loss_config& config, c
     const double lp = logprob[i];
     const double olp = old_logprob ? static_cast<double>(old_logprob[i]) : lp;
     double g = 0.0;  // dLoss/dlp
-    if (level == GSPO4J_RATIO_SEQUENCE) {
+    if (config.objective == GSPO4J_OBJECTIVE_GMPO) {
+        // The gradient reaches lp_t only where l_t = x_t (and x_t inside [-R, R]).
+        const double raw = lp - olp;
+        const double x = min_of(max_of(raw, -clip.clamp), clip.clamp);
+        bool unclipped = true;
+        (void)geometric_log_ratio(config, x, r.advantage_sign, &unclipped);
+        part.clip_low += !unclipped && r.advantage_sign < 0.0;
+        part.clip_high += !unclipped && r.advantage_sign > 0.0;
+        if (unclipped && raw >= -clip.clamp && raw <= clip.clamp) g = r.sequence_gradient;
+    } else if (level == GSPO4J_RATIO_SEQUENCE) {
         g = r.sequence_gradient;
     } else {
         bool inside = r.sequence_inside;
         const double ratio = level == GSPO4J_RATIO_TOKEN ? clip.ratio(lp - olp, &inside) : r.sequence_ratio;
-        const Clip::Decision d = clip.decide(ratio, advantage);
-        part.surrogate += r.weight * d.objective;
-        part.clip_low += d.clipped_low;
-        part.clip_high += d.clipped_high;
-        part.dual_clip += d.dual_clipped;
-        if (level == GSPO4J_RATIO_TOKEN) part.add_ratio(ratio);
-        if (d.gradient && inside) g = -r.weight * advantage * ratio;
+        TermFlags flags;
+        const Term q = token_policy_term(config, clip, r, ratio, inside, lp, olp, advantage, &flags);
+        part.surrogate += r.weight * q.value;
+        part.clip_low += flags.clipped_low;
+        part.clip_high += flags.clipped_high;
+        part.dual_clip += flags.dual_clipped;
+        if (!ratio_per_response(config)) part.add_ratio(ratio);
+        g = -r.weight * q.gradient;
     }
     if (config.kl_coef != 0.0) {
-        const double raw = static_cast<double>(ref_logprob[i]) - lp;
-        const double d = min_of(max_of(raw, -config.log_ratio_clamp), config.log_ratio_clamp);
-        part.kl += r.weight * kl_value(config.kl_estimator, d);
-        if (raw >= -config.log_ratio_clamp && raw <= config.log_ratio_clamp) {
-            g += config.kl_coef * r.weight * kl_gradient(config.kl_estimator, d);
-        }
+        const Term k = kl_term(config.kl_estimator, clip, lp, olp, static_cast<double>(ref_logprob[i]));
+        part.kl += r.weight * k.value;
+        g += config.kl_coef * r.weight * k.gradient;
     }
     if (entropy) {
         part.entropy += r.weight * entropy[i];
@@ -263,8 +434,8 @@ GSPO4J_HOST_DEVICE inline void finish_loss(const gspo4j_loss_config& config, con
     if (!metrics) return;
     const double responses = static_cast<double>(s.responses);
     const double tokens = static_cast<double>(s.tokens);
-    // Clip decisions are per response for GSPO and per counted token otherwise.
-    const double decisions = level == GSPO4J_RATIO_SEQUENCE ? responses : tokens;
+    // Clip decisions are per response for GSPO and LUSPO and per counted token otherwise (GMPO clips tokens).
+    const double decisions = level == GSPO4J_RATIO_SEQUENCE && config.objective != GSPO4J_OBJECTIVE_GMPO ? responses : tokens;
     auto mean = [](double sum, double count) { return count > 0.0 ? sum / count : 0.0; };
     const bool any_ratio = total.ratio_count > 0.0;
     metrics[GSPO4J_METRIC_POLICY_LOSS] = static_cast<float>(policy_loss);

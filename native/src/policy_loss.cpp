@@ -104,28 +104,33 @@ void policy_loss(const gspo4j_loss_config& config, const TokenLayout& layout, co
         }
     }
 
-    // Pass 1: lengths, and the sequence log-ratios GSPO needs.
-    std::vector<int64_t> length(static_cast<size_t>(layout.batch));
-    std::vector<double> sequence_log_ratio(static_cast<size_t>(layout.batch));
+    // Pass 1: lengths, and the sums of log-ratios the sequence objectives need.
+    std::vector<math::ResponseSums> sums(static_cast<size_t>(layout.batch));
+    const bool geometric = config.objective == GSPO4J_OBJECTIVE_GMPO;
     parallel_for(layout.batch, responses_per_chunk(layout), [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) {
             double sum = 0.0;
+            double geometric_sum = 0.0;
             int64_t n = 0;
             for (int64_t i = layout.begin(b); i < layout.end(b); ++i) {
                 if (!counted(mask, i)) continue;
                 if (old_logprob) sum += static_cast<double>(logprob[i]) - static_cast<double>(old_logprob[i]);
+                if (geometric) {
+                    const double lp = logprob[i];
+                    geometric_sum += math::geometric_term(config, lp, old_logprob ? static_cast<double>(old_logprob[i]) : lp,
+                                                          advantages[b]);
+                }
                 ++n;
             }
-            length[b] = n;
-            sequence_log_ratio[b] = n > 0 ? sum / static_cast<double>(n) : 0.0;
+            sums[b] = math::ResponseSums{n, sum, geometric_sum};
         }
     });
     int64_t responses = 0;
     int64_t total_tokens = 0;
     int64_t longest = 0;
     for (int64_t b = 0; b < layout.batch; ++b) {
-        responses += length[b] > 0 ? 1 : 0;
-        total_tokens += length[b];
+        responses += sums[b].length > 0 ? 1 : 0;
+        total_tokens += sums[b].length;
         longest = std::max(longest, layout.end(b) - layout.begin(b));
     }
     const math::Scales scales = math::aggregation_scales(config, layout.offsets != nullptr, layout.batch, layout.seq, responses,
@@ -138,16 +143,14 @@ void policy_loss(const gspo4j_loss_config& config, const TokenLayout& layout, co
         for (int64_t b = begin; b < end; ++b) {
             math::Partial& part = partials[b];
             const math::Response response =
-                math::begin_response(config, clip, scales, length[b], sequence_log_ratio[b], advantages, b, &part);
+                math::begin_response(config, clip, scales, sums[b], advantages, b, &part);
             for (int64_t i = layout.begin(b); i < layout.end(b); ++i) {
                 if (!counted(mask, i)) {
                     grad_logprob[i] = 0.0f;
                     if (grad_entropy) grad_entropy[i] = 0.0f;
                     continue;
                 }
-                const double advantage = config.ratio_level == GSPO4J_RATIO_SEQUENCE ? 0.0
-                                         : advantages_per_token                     ? advantages[i]
-                                                                                    : advantages[b];
+                const double advantage = advantages_per_token ? advantages[i] : advantages[b];
                 math::counted_token(config, clip, response, i, logprob, old_logprob, advantage, ref_logprob, entropy, part,
                                     grad_logprob, grad_entropy);
             }

@@ -83,14 +83,33 @@ typedef enum gspo4j_aggregation {
 typedef enum gspo4j_kl_estimator {
     GSPO4J_KL_K1 = 0, /* -d */
     GSPO4J_KL_K2 = 1, /* d^2 / 2 */
-    GSPO4J_KL_K3 = 2  /* exp(d) - d - 1 */
+    GSPO4J_KL_K3 = 2, /* exp(d) - d - 1 */
+    GSPO4J_KL_K3_PLUS = 3,     /* the value of k3, the gradient of k2 (verl "k3+") */
+    GSPO4J_KL_K3_UNBIASED = 4, /* r_t * k3 with r_t = exp(lp - olp), differentiated through both */
+    GSPO4J_KL_ABS = 5          /* |d| */
 } gspo4j_kl_estimator;
 
 typedef enum gspo4j_advantage_mode {
     GSPO4J_ADVANTAGE_MEAN_STD = 0, /* (r - mean) / (std + eps), Bessel-corrected std */
     GSPO4J_ADVANTAGE_MEAN = 1,     /* r - mean */
-    GSPO4J_ADVANTAGE_RLOO = 2      /* r - mean of the other G-1 rewards */
+    GSPO4J_ADVANTAGE_RLOO = 2,     /* r - mean of the other G-1 rewards */
+    GSPO4J_ADVANTAGE_MEAN_BATCH_STD = 3 /* (r - group mean) / (std of every reward of the call + eps),
+                                           Bessel-corrected (TRL's scale_rewards="batch") */
 } gspo4j_advantage_mode;
+
+/* The policy objective (SPEC.md "Further objectives"). x_t = clamp(lp - olp, -R, R), r_t = exp(x_t);
+ * a per-token term q_t is aggregated with `aggregation`, a per-response term J_b is averaged over
+ * the B' counted responses. */
+typedef enum gspo4j_objective {
+    GSPO4J_OBJECTIVE_CLIP = 0,     /* min(ratio A, clip(ratio) A): GSPO, GSPO-token, GRPO, PPO by ratio_level */
+    GSPO4J_OBJECTIVE_CISPO = 1,    /* q = sg[clip(r)] A lp (ratio_level TOKEN, or SEQUENCE_TOKEN: s_b) */
+    GSPO4J_OBJECTIVE_SAPO = 2,     /* q = (4/tau) sigmoid(tau (r - 1)) A (TOKEN, or SEQUENCE_TOKEN: s_b) */
+    GSPO4J_OBJECTIVE_GMPO = 3,     /* J_b = exp((1/L_b) sum m l_t) A_b, l_t the log-space pessimistic clip */
+    GSPO4J_OBJECTIVE_LUSPO = 4,    /* J_b = L_b min(s_b A_b, clip(s_b) A_b) */
+    GSPO4J_OBJECTIVE_VESPO = 5,    /* q = sg[W^k exp(lambda (1 - W))] A lp, W = exp(clamp(sum m x, -R, R)) */
+    GSPO4J_OBJECTIVE_DPPO_TV = 6,  /* q = keep_TV sg[min(r, C)] A lp */
+    GSPO4J_OBJECTIVE_DPPO_KL = 7   /* q = keep_binaryKL sg[min(r, C)] A lp */
+} gspo4j_objective;
 
 /* Indices into the metrics array the policy loss writes (float32[GSPO4J_METRIC_COUNT]). */
 typedef enum gspo4j_metric {
@@ -109,9 +128,11 @@ typedef enum gspo4j_metric {
     GSPO4J_METRIC_TOKENS = 12,         /* tokens with m = 1 */
     GSPO4J_METRIC_COUNT = 13
 } gspo4j_metric;
-/* Clip fractions count one decision per response for GSPO and one per counted token for
- * GSPO-token, GRPO and PPO; ratio statistics are per response for GSPO and GSPO-token (one ratio
- * s_b per response) and per counted token for GRPO / PPO. */
+/* Clip fractions count one decision per response for GSPO and LUSPO and one per counted token
+ * otherwise (GMPO: tokens its log-space clip cut; CISPO: weights cut by either bound; DPPO:
+ * dropped tokens, A > 0 as high and A <= 0 as low; SAPO and VESPO: none). Ratio statistics are
+ * per response for GSPO, GSPO-token, LUSPO and the sequence variants of CISPO and SAPO (s_b), GMPO
+ * (exp of the mean clipped log-ratio) and VESPO (W_b), and per counted token (r_t) otherwise. */
 
 typedef struct gspo4j_loss_config {
     int32_t ratio_level;      /* gspo4j_ratio_level */
@@ -129,6 +150,18 @@ typedef struct gspo4j_loss_config {
                                  the longest response (packed) */
     double kl_coef;           /* beta; 0 disables the KL term */
     double entropy_coef;      /* c_H; 0 disables the entropy term */
+    int32_t objective;        /* gspo4j_objective; CISPO and SAPO take ratio_level TOKEN or
+                                 SEQUENCE_TOKEN, GMPO and LUSPO SEQUENCE, VESPO and DPPO TOKEN */
+    int32_t reserved;         /* 0 */
+    double sapo_tau_pos;      /* SAPO's temperature for A > 0 (> 0) */
+    double sapo_tau_neg;      /* SAPO's temperature for A <= 0 (> 0) */
+    double vespo_k_pos;       /* VESPO's phi for A >= 0: W^k exp(lambda (1 - W)) */
+    double vespo_lambda_pos;
+    double vespo_k_neg;       /* ... and for A < 0 */
+    double vespo_lambda_neg;
+    double dppo_delta_low;    /* DPPO's divergence bounds (TV: p - p_old; KL: the binary KL) */
+    double dppo_delta_high;
+    double dppo_ratio_cap;    /* DPPO's C: the weight is sg[min(r, C)] */
 } gspo4j_loss_config;
 
 /* Thread-local message of the last failed call on this thread ("" if none). */
@@ -152,7 +185,8 @@ GSPO4J_API const char* gspo4j_cpu_isa(void);
 GSPO4J_API gspo4j_status gspo4j_cuda_check_error(void* stream);
 
 /* SPEC.md's paper defaults: GSPO, sequence mean, eps 3e-4 / 4e-4, R = 20, KL and entropy off,
- * checking on. */
+ * checking on; the other objectives' parameters at their anchors' defaults (SAPO tau 1 / 1.05,
+ * VESPO (k, lambda) = (2, 3) / (3, 2), DPPO delta 0.15 / 0.15 and C = 20). */
 GSPO4J_API gspo4j_status gspo4j_loss_config_init(gspo4j_loss_config* config);
 
 /*
@@ -237,8 +271,9 @@ GSPO4J_API gspo4j_status gspo4j_policy_loss(
  * Group-relative advantages of outcome rewards (float32[count]).
  * Groups are contiguous runs of group_size responses (group_ids NULL; group_size must divide
  * count) or the responses sharing a value of group_ids (int64[count]; group_size ignored).
- * A group whose rewards are all equal gets exactly 0; a group of one gets 0 for MEAN_STD and
- * MEAN and is an error for RLOO. eps: MEAN_STD's denominator guard (SPEC default 1e-6).
+ * A group whose rewards are all equal gets exactly 0; a group of one gets 0 for MEAN_STD, MEAN and
+ * MEAN_BATCH_STD and is an error for RLOO. eps: MEAN_STD's and MEAN_BATCH_STD's denominator guard
+ * (SPEC default 1e-6). MEAN_BATCH_STD divides by the std of all `count` rewards of the call.
  */
 GSPO4J_API gspo4j_status gspo4j_group_advantages(
     int32_t device, void* stream,

@@ -69,7 +69,7 @@ public final class Advantages {
 
     private static void requireMode(AdvantageMode mode) {
         if (mode == null) {
-            throw new IllegalArgumentException("mode must not be null (MEAN_STD, MEAN or RLOO)");
+            throw new IllegalArgumentException("mode must not be null (MEAN_STD, MEAN, RLOO or MEAN_BATCH_STD)");
         }
     }
 

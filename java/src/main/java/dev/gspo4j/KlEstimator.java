@@ -7,7 +7,17 @@ public enum KlEstimator {
     /** {@code d^2 / 2}. */
     K2(1),
     /** {@code exp(d) - d - 1}: unbiased and non-negative. */
-    K3(2);
+    K3(2),
+    /** The value of K3 with the gradient of K2 (verl's {@code "k3+"}). */
+    K3_PLUS(3),
+    /**
+     * {@code r_t * k3} with the token ratio {@code r_t = exp(lp - olp)}, differentiated through both
+     * factors (DeepSeek-V3.2; TRL's {@code use_bias_correction_kl}, which uses its ratio at its
+     * importance-sampling level: with GSPO's sequence level TRL multiplies by s_b instead).
+     */
+    K3_UNBIASED(4),
+    /** {@code |d|} (verl's {@code "abs"}). */
+    ABS(5);
 
     private final int code;
 

@@ -13,8 +13,10 @@ import org.bytedeco.pytorch.global.torch.ScalarType;
 /**
  * SPEC.md's metrics of one loss call. They stay in a float32 tensor on the logits' device until a
  * number is asked for: reading one copies the whole set once (a device sync on a GPU).
- * Clip fractions and ratio statistics are per response for GSPO and per counted token for
- * GSPO-token, GRPO and PPO. The counts ({@link #sequences()}, {@link #tokens()}) are exact int64
+ * Clip fractions are per response for GSPO and LUSPO and per counted token otherwise; ratio
+ * statistics are of the one ratio per response where the objective has one (GSPO, GSPO-token,
+ * LUSPO, GMPO, VESPO, the sequence variants of CISPO and SAPO) and per counted token otherwise
+ * (README, "The objectives", says what each objective counts as clipped). The counts ({@link #sequences()}, {@link #tokens()}) are exact int64
  * values, counted apart from the float32 set (whose float32 slots for them lose integers past
  * 2^24). Belongs to its {@link LossResult}, and is closed with it: not thread-safe.
  */

@@ -7,6 +7,8 @@ import dev.gspo4j.internal.LogitsDtype;
 import dev.gspo4j.internal.LogitsView;
 import dev.gspo4j.internal.LossSettings;
 import dev.gspo4j.internal.Metric;
+import dev.gspo4j.internal.Objective;
+import dev.gspo4j.internal.ObjectiveParams;
 import dev.gspo4j.internal.RatioLevel;
 import dev.gspo4j.internal.TokenLayout;
 import dev.gspo4j.internal.Tensors;
@@ -17,7 +19,8 @@ import org.bytedeco.pytorch.Tensor;
 import org.bytedeco.pytorch.global.torch.ScalarType;
 
 /**
- * A policy loss of SPEC.md (GSPO, GSPO-token, GRPO, PPO) over libtorch logits, computed by gspo4j's
+ * A policy loss of SPEC.md (GSPO, GSPO-token, GRPO, PPO, DAPO, Dr. GRPO, CISPO, SAPO, GMPO, LUSPO,
+ * VESPO, DPPO) over libtorch logits, computed by gspo4j's
  * fused kernels: the logits are read once in the forward, once in the backward, and the gradient
  * written once; no log-softmax is materialised.
  *
@@ -62,11 +65,97 @@ public final class PolicyLoss {
         return new Builder("PPO", LossSettings.grpo().withAggregation(Aggregation.TOKEN_MEAN));
     }
 
+    /** DAPO's recipe: GRPO's token ratio with clip-higher 0.2 / 0.28 and the token mean. */
+    public static Builder dapo() {
+        return new Builder("DAPO", LossSettings.grpo().withClip(0.2, 0.28).withAggregation(Aggregation.TOKEN_MEAN));
+    }
+
+    /**
+     * Dr. GRPO's recipe: GRPO's token ratio, clip 0.2 / 0.2, {@link Aggregation#SEQ_MEAN_TOKEN_SUM_NORM}
+     * (every token sum divided by B x Lnorm, Lnorm = T by default: set the generation budget with
+     * {@link Builder#lengthNorm}). Pair it with {@link AdvantageMode#MEAN} advantages (no division by
+     * the group's std): that is the other half of Dr. GRPO.
+     */
+    public static Builder drGrpo() {
+        return new Builder("Dr. GRPO", LossSettings.grpo().withAggregation(Aggregation.SEQ_MEAN_TOKEN_SUM_NORM));
+    }
+
+    /**
+     * CISPO (MiniMax-M1): {@code q_t = sg[clip(r_t)] A_t lp_t}, so clipped tokens keep the gradient
+     * {@code sg[clip(r_t)] A_t}. Defaults: clip eps 1 / 4, i.e. no lower bound and an absolute cap of
+     * 5 on the weight (TRL's {@code epsilon_high} is that cap itself: TRL's 5.0 is {@code clip(1, 4)}
+     * here), token mean. Its loss value is a REINFORCE surrogate, not an objective value.
+     * {@link Builder#sequenceRatio} uses s_b for r_t.
+     */
+    public static Builder cispo() {
+        return new Builder("CISPO", objective(Objective.CISPO, RatioLevel.TOKEN).withClip(1, 4).withAggregation(Aggregation.TOKEN_MEAN));
+    }
+
+    /**
+     * SAPO (Qwen): the soft gate {@code q_t = (4 / tau) sigmoid(tau (r_t - 1)) A_t} in place of the
+     * clip, tau = 1 for A > 0 and 1.05 for A <= 0 ({@link Builder#sapoTemperatures}), sequence-mean
+     * token-mean. {@link Builder#sequenceRatio} uses s_b for r_t (AReaL's sequence variant).
+     */
+    public static Builder sapo() {
+        return new Builder("SAPO", objective(Objective.SAPO, RatioLevel.TOKEN));
+    }
+
+    /**
+     * GMPO (verl's {@code geo_mean}): {@code J_b = exp((1/L_b) sum_t l_t) A_b}, each token log-ratio
+     * clipped in log space to [-0.4, 0.4] on the pessimistic side only ({@link Builder#clip} sets the
+     * two bounds); one advantage per response; the mean over responses.
+     */
+    public static Builder gmpo() {
+        return new Builder("GMPO", objective(Objective.GMPO, RatioLevel.SEQUENCE).withClip(0.4, 0.4));
+    }
+
+    /**
+     * LUSPO: GSPO with each response's term weighted by its length,
+     * {@code J_b = L_b min(s_b A_b, clip(s_b) A_b)}; clip 2e-3 / 2.5e-3; the mean over responses.
+     */
+    public static Builder luspo() {
+        return new Builder("LUSPO", objective(Objective.LUSPO, RatioLevel.SEQUENCE).withClip(2e-3, 2.5e-3));
+    }
+
+    /**
+     * VESPO: {@code q_t = sg[phi(W_b)] A lp_t} with the product ratio
+     * {@code W_b = exp(clamp(sum_t (lp - olp), -R, R))} and {@code phi(W) = W^k exp(lambda (1 - W))},
+     * (k, lambda) = (2, 3) for A >= 0 and (3, 2) for A < 0 ({@link Builder#vespoShape}); token mean.
+     */
+    public static Builder vespo() {
+        return new Builder("VESPO", objective(Objective.VESPO, RatioLevel.TOKEN).withAggregation(Aggregation.TOKEN_MEAN));
+    }
+
+    /**
+     * DPPO-Binary-TV (verl's {@code dppo_tv}): {@code q_t = keep_t sg[min(r_t, C)] A_t lp_t}, a token
+     * kept when {@code p - p_old <= delta_high} (A > 0) or {@code p - p_old >= -delta_low} (A <= 0), p
+     * the sampled token's probability. Defaults delta 0.15 / 0.15 ({@link Builder#dppoDivergence}),
+     * C = 20 ({@link Builder#dppoRatioCap}), token mean.
+     */
+    public static Builder dppoTv() {
+        return new Builder("DPPO-TV", objective(Objective.DPPO_TV, RatioLevel.TOKEN).withAggregation(Aggregation.TOKEN_MEAN));
+    }
+
+    /**
+     * DPPO-Binary-KL (verl's {@code dppo_kl}): as {@link #dppoTv} with the one-sided binary KL
+     * {@code p_old (olp - lp) + (1 - p_old) log((1 - p_old + 1e-8) / (1 - p + 1e-8))}: a token is kept
+     * when A > 0 and (KL <= delta_high or p <= p_old), or A <= 0 and (KL <= delta_low or p >= p_old).
+     * Defaults delta 0.05 / 0.05, C = 20, token mean.
+     */
+    public static Builder dppoKl() {
+        return new Builder("DPPO-KL", objective(Objective.DPPO_KL, RatioLevel.TOKEN).withAggregation(Aggregation.TOKEN_MEAN));
+    }
+
+    private static LossSettings objective(Objective objective, RatioLevel level) {
+        return LossSettings.grpo().withObjective(ObjectiveParams.of(objective), level);
+    }
+
     /** Options of a {@link PolicyLoss}; each setter checks its value. */
     public static final class Builder {
         private final String name;
         private LossSettings settings;
         private double temperature = 1.0;
+        private double delta; // 0: not set through delta()
 
         private Builder(String name, LossSettings settings) {
             this.name = name;
@@ -79,10 +168,80 @@ public final class PolicyLoss {
             return this;
         }
 
-        /** Dual clip c > 1 (0 disables): for A < 0 the objective is at least c * A. */
+        /**
+         * Dual clip c > 1 (0 disables): for A < 0 the objective is at least c * A. For the clipped
+         * objectives (GSPO, GSPO-token, GRPO, PPO, DAPO, Dr. GRPO, LUSPO).
+         */
         public Builder dualClip(double c) {
             settings = settings.withDualClip(c);
+            delta = 0;
             return this;
+        }
+
+        /**
+         * TRL's and Liger's two-sided clip {@code delta}: {@code min(min(r, delta) A, clip(r) A)}. It
+         * equals dual clip with c = delta whenever {@code delta >= 1 + eps_high}, so that is what it
+         * sets; {@link #build} refuses a delta below {@code 1 + eps_high} (where the two differ).
+         */
+        public Builder delta(double d) {
+            if (!(d > 1 && d <= LossSettings.MAX_DUAL_CLIP)) {
+                throw new IllegalArgumentException("delta must be in (1, " + LossSettings.MAX_DUAL_CLIP + "], got " + d);
+            }
+            settings = settings.withDualClip(d);
+            delta = d;
+            return this;
+        }
+
+        /** CISPO and SAPO: use the sequence ratio s_b for r_t (value s_b, gradient s_b dlp per token). */
+        public Builder sequenceRatio(boolean sequence) {
+            final Objective objective = settings.objective().objective();
+            if (objective != Objective.CISPO && objective != Objective.SAPO) {
+                throw new IllegalStateException("sequenceRatio applies to CISPO and SAPO, not to " + name);
+            }
+            settings = settings.withObjective(settings.objective(), sequence ? RatioLevel.SEQUENCE_TOKEN : RatioLevel.TOKEN);
+            return this;
+        }
+
+        /** SAPO's gate temperatures: tau for A > 0 and for A <= 0, each in (0, 1e4]. */
+        public Builder sapoTemperatures(double positive, double negative) {
+            requireObjective(Objective.SAPO, "sapoTemperatures");
+            settings = settings.withObjectiveParams(settings.objective().withSapoTemperatures(positive, negative));
+            return this;
+        }
+
+        /** VESPO's phi(W) = W^k exp(lambda (1 - W)): (k, lambda) for A >= 0 and for A < 0, each in [0, 1e3]. */
+        public Builder vespoShape(double kPositive, double lambdaPositive, double kNegative, double lambdaNegative) {
+            requireObjective(Objective.VESPO, "vespoShape");
+            settings = settings.withObjectiveParams(settings.objective().withVespoShape(kPositive, lambdaPositive, kNegative,
+                    lambdaNegative));
+            return this;
+        }
+
+        /** DPPO's divergence bounds delta_low and delta_high (TV: of p - p_old; KL: of the binary KL), in [0, 1e6]. */
+        public Builder dppoDivergence(double low, double high) {
+            requireDppo("dppoDivergence");
+            settings = settings.withObjectiveParams(settings.objective().withDppoDivergence(low, high));
+            return this;
+        }
+
+        /** DPPO's ratio cap C: a kept token's weight is sg[min(r, C)], C in (0, 1e38]. */
+        public Builder dppoRatioCap(double cap) {
+            requireDppo("dppoRatioCap");
+            settings = settings.withObjectiveParams(settings.objective().withDppoRatioCap(cap));
+            return this;
+        }
+
+        private void requireObjective(Objective objective, String option) {
+            if (settings.objective().objective() != objective) {
+                throw new IllegalStateException(option + " applies to " + objective.label() + ", not to " + name);
+            }
+        }
+
+        private void requireDppo(String option) {
+            final Objective objective = settings.objective().objective();
+            if (objective != Objective.DPPO_TV && objective != Objective.DPPO_KL) {
+                throw new IllegalStateException(option + " applies to DPPO-TV and DPPO-KL, not to " + name);
+            }
         }
 
         public Builder aggregation(Aggregation aggregation) {
@@ -149,6 +308,10 @@ public final class PolicyLoss {
         }
 
         public PolicyLoss build() {
+            if (delta != 0 && delta < 1 + settings.epsHigh()) {
+                throw new IllegalArgumentException("delta = " + delta + " is below 1 + epsHigh = " + (1 + settings.epsHigh())
+                        + ": TRL's two-sided clip equals dual clip only for delta >= 1 + epsHigh; raise delta or lower the clip");
+            }
             return new PolicyLoss(name, settings, temperature);
         }
     }

@@ -4,6 +4,7 @@ import dev.gspo4j.internal.Kernels;
 import dev.gspo4j.internal.LogitsDtype;
 import dev.gspo4j.internal.LogitsView;
 import dev.gspo4j.internal.LossSettings;
+import dev.gspo4j.internal.Objective;
 import dev.gspo4j.internal.RatioLevel;
 import dev.gspo4j.internal.TokenLayout;
 import dev.gspo4j.internal.Tensors;
@@ -145,7 +146,8 @@ final class PreparedInput implements AutoCloseable {
                         + settings.klCoef() + ")");
             }
             if (settings.ratioLevel() == RatioLevel.SEQUENCE && tokenAdvantages) {
-                throw new IllegalArgumentException("GSPO's sequence ratio takes one advantage per response ([B]); "
+                throw new IllegalArgumentException((settings.objective().objective() == Objective.CLIP ? "GSPO's sequence ratio"
+                        : settings.objective().objective().label()) + " takes one advantage per response ([B]); "
                         + "use PolicyLoss.gspoToken() for per-token advantages");
             }
         } catch (RuntimeException | Error e) {

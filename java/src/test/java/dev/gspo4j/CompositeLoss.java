@@ -1,6 +1,8 @@
 package dev.gspo4j;
 
 import dev.gspo4j.internal.LossSettings;
+import dev.gspo4j.internal.Objective;
+import dev.gspo4j.internal.ObjectiveParams;
 import dev.gspo4j.internal.RatioLevel;
 import org.bytedeco.pytorch.Scalar;
 import org.bytedeco.pytorch.ScalarOptional;
@@ -34,6 +36,18 @@ public final class CompositeLoss {
      */
     public static Output compute(LossSettings st, double temperature, Tensor logits, Tensor targets, Tensor mask, Tensor oldLogProbs,
             Tensor refLogProbs, Tensor advantages, boolean tokenAdvantages) {
+        return compute(st, temperature, logits, targets, mask, oldLogProbs, refLogProbs, advantages, tokenAdvantages, null);
+    }
+
+    /**
+     * As above, with every stop-gradient factor (sg[.] of SPEC.md, and the on-policy olp = sg(lp))
+     * evaluated at {@code frozenLogits} instead of {@code logits} (null: at {@code logits}). Central
+     * differences in {@code logits} with the factors frozen at the base point then check the
+     * autograd gradient of objectives whose value is not their gradient's integral (CISPO, VESPO,
+     * DPPO, GSPO-token, K3_PLUS).
+     */
+    public static Output compute(LossSettings st, double temperature, Tensor logits, Tensor targets, Tensor mask, Tensor oldLogProbs,
+            Tensor refLogProbs, Tensor advantages, boolean tokenAdvantages, Tensor frozenLogits) {
         final ScalarType type = logits.scalar_type();
         final Tensor logSoftmax = logits.div(sc(temperature)).log_softmax(-1);
         final Tensor tokenLogProbs = logSoftmax.gather(-1, targets.unsqueeze(-1)).squeeze(-1);
@@ -45,7 +59,11 @@ public final class CompositeLoss {
         // Masked tokens take no part: a masked -Inf log-prob (its target logit -Inf) must not
         // reach 0 * -Inf below; masked_fill gives those positions no gradient either.
         final Tensor lp = tokenLogProbs.masked_fill(m.eq(sc(0)), sc(0));
-        final Tensor olp = oldLogProbs == null ? lp.detach() : oldLogProbs.to(type);
+        // sg(lp): the frozen point's log-probs (a constant)
+        final Tensor lpFrozen = frozenLogits == null ? lp.detach()
+                : frozenLogits.detach().div(sc(temperature)).log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+                        .masked_fill(m.eq(sc(0)), sc(0));
+        final Tensor olp = oldLogProbs == null ? lpFrozen : oldLogProbs.to(type);
         final Tensor adv = advantages.to(type);
         final Tensor lengths = m.sum(new long[] {1});
         final Tensor valid = lengths.gt(sc(0)).to(type);
@@ -53,6 +71,7 @@ public final class CompositeLoss {
         final double r = st.logRatioClamp();
         final long batch = logits.size(0);
         final long seq = logits.size(1);
+        final Objective objective = st.objective().objective();
 
         // weights w[b, t] of the aggregation (0 for empty responses)
         final double norm = st.normalizer();
@@ -69,10 +88,22 @@ public final class CompositeLoss {
         }
 
         final Tensor surrogate;
+        final Tensor safeLengths = lengths.clamp(s(1), new ScalarOptional());
         if (st.ratioLevel() == RatioLevel.SEQUENCE) {
-            final Tensor logS = m.mul(lp.sub(olp)).sum(new long[] {1}).div(lengths.clamp(s(1), new ScalarOptional()));
-            final Tensor ratio = logS.clamp(s(-r), s(r)).exp();
-            final Tensor j = objective(st, ratio, adv);
+            final Tensor j;
+            if (objective == Objective.GMPO) {
+                // l_t = a min(a x, a clip(x, -eps_low, eps_high)), a = sign(A_b); J_b = exp(mean l) A_b
+                final Tensor x = lp.sub(olp).clamp(s(-r), s(r));
+                final Tensor a = adv.sign().unsqueeze(1);
+                final Tensor bounded = x.clamp(s(-st.epsLow()), s(st.epsHigh()));
+                final Tensor l = a.mul(a.mul(x).minimum(a.mul(bounded)));
+                j = m.mul(l).sum(new long[] {1}).div(safeLengths).exp().mul(adv);
+            } else {
+                final Tensor logS = m.mul(lp.sub(olp)).sum(new long[] {1}).div(safeLengths);
+                final Tensor ratio = logS.clamp(s(-r), s(r)).exp();
+                final Tensor clipped = objective(st, ratio, adv);
+                j = objective == Objective.LUSPO ? clipped.mul(lengths) : clipped;
+            }
             surrogate = j.mul(valid).sum().div(responseDenominator.clamp(s(1e-30), new ScalarOptional()));
         } else {
             final Tensor ratio;
@@ -80,20 +111,65 @@ public final class CompositeLoss {
             if (st.ratioLevel() == RatioLevel.TOKEN) {
                 ratio = lp.sub(olp).clamp(s(-r), s(r)).exp();
             } else {
-                final Tensor logS = m.mul(lp.sub(olp)).sum(new long[] {1}).div(lengths.clamp(s(1), new ScalarOptional()));
+                final Tensor logS = m.mul(lpFrozen.sub(olp)).sum(new long[] {1}).div(safeLengths);
                 // log s_bt = sg(log s_b) + lp - sg(lp), clamped as a whole (as verl clamps it): the
                 // value is s_b's, and outside [-R, R] the token's gradient is 0 like any clamped ratio.
-                ratio = logS.detach().unsqueeze(1).add(lp.sub(lp.detach())).clamp(s(-r), s(r)).exp();
+                ratio = logS.unsqueeze(1).add(lp.sub(lpFrozen)).clamp(s(-r), s(r)).exp();
             }
-            surrogate = weight.mul(objective(st, ratio, a)).sum();
+            // the ratio's value at the frozen point, for the sg[.] weights
+            final Tensor frozenRatio = st.ratioLevel() == RatioLevel.TOKEN ? lpFrozen.sub(olp).clamp(s(-r), s(r)).exp()
+                    : m.mul(lpFrozen.sub(olp)).sum(new long[] {1}).div(safeLengths).clamp(s(-r), s(r)).exp().unsqueeze(1)
+                            .expand(batch, seq);
+            final Tensor q = switch (objective) {
+                case CISPO -> frozenRatio.clamp(s(1 - st.epsLow()), s(1 + st.epsHigh())).mul(a).mul(lp);
+                case SAPO -> {
+                    final Tensor tau = torch.where(a.gt(sc(0)), a.mul(sc(0)).add(sc(st.objective().sapoTauPos())),
+                            a.mul(sc(0)).add(sc(st.objective().sapoTauNeg())));
+                    yield tau.mul(ratio.sub(sc(1))).sigmoid().mul(sc(4)).div(tau).mul(a);
+                }
+                case VESPO -> {
+                    final Tensor logW = m.mul(lpFrozen.sub(olp)).sum(new long[] {1}).unsqueeze(1).clamp(s(-r), s(r));
+                    final Tensor w = logW.exp();
+                    final ObjectiveParams p = st.objective();
+                    final Tensor phiPos = logW.mul(sc(p.vespoKPos())).add(w.neg().add(sc(1)).mul(sc(p.vespoLambdaPos()))).exp();
+                    final Tensor phiNeg = logW.mul(sc(p.vespoKNeg())).add(w.neg().add(sc(1)).mul(sc(p.vespoLambdaNeg()))).exp();
+                    yield torch.where(a.ge(sc(0)), phiPos.expand(batch, seq), phiNeg.expand(batch, seq)).mul(a).mul(lp);
+                }
+                case DPPO_TV, DPPO_KL -> {
+                    final ObjectiveParams p = st.objective();
+                    final Tensor prob = lpFrozen.exp();
+                    final Tensor oldProb = olp.exp();
+                    final Tensor keep;
+                    if (objective == Objective.DPPO_TV) {
+                        keep = torch.where(a.gt(sc(0)), prob.sub(oldProb).le(sc(p.dppoDeltaHigh())),
+                                prob.sub(oldProb).ge(sc(-p.dppoDeltaLow())));
+                    } else {
+                        final Tensor binaryKl = oldProb.mul(olp.sub(lpFrozen)).add(oldProb.neg().add(sc(1)).mul(
+                                oldProb.neg().add(sc(1 + 1e-8)).div(prob.neg().add(sc(1 + 1e-8))).log()));
+                        keep = torch.where(a.gt(sc(0)), binaryKl.le(sc(p.dppoDeltaHigh())).logical_or(prob.le(oldProb)),
+                                binaryKl.le(sc(p.dppoDeltaLow())).logical_or(prob.ge(oldProb)));
+                    }
+                    yield frozenRatio.clamp(new ScalarOptional(), s(p.dppoRatioCap())).mul(keep.to(type)).mul(a).mul(lp);
+                }
+                default -> objective(st, ratio, a);
+            };
+            surrogate = weight.mul(q).sum();
         }
         Tensor loss = surrogate.neg();
         if (st.klCoef() != 0) {
-            final Tensor d = refLogProbs.to(type).sub(lp).clamp(s(-r), s(r));
+            final Tensor ref = refLogProbs.to(type);
+            final Tensor d = ref.sub(lp).clamp(s(-r), s(r));
             final Tensor k = switch (st.klEstimator()) {
                 case K1 -> d.neg();
                 case K2 -> d.mul(d).mul(sc(0.5));
                 case K3 -> d.exp().sub(d).sub(sc(1));
+                case K3_PLUS -> {
+                    // value of k3, gradient of k2, both at the frozen point
+                    final Tensor dFrozen = ref.sub(lpFrozen).clamp(s(-r), s(r));
+                    yield d.mul(d).mul(sc(0.5)).sub(dFrozen.mul(dFrozen).mul(sc(0.5))).add(dFrozen.exp().sub(dFrozen).sub(sc(1)));
+                }
+                case K3_UNBIASED -> lp.sub(olp).clamp(s(-r), s(r)).exp().mul(d.exp().sub(d).sub(sc(1)));
+                case ABS -> d.abs();
             };
             loss = loss.add(weight.mul(k).sum().mul(sc(st.klCoef())));
         }

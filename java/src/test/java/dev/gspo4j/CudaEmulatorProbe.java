@@ -125,6 +125,19 @@ public final class CudaEmulatorProbe {
                 ScalarType.BFloat16, Layout.PACKED, true, false);
         lossCase("PPO seq-mean-token-sum-norm", PolicyLoss.ppo().aggregation(Aggregation.SEQ_MEAN_TOKEN_SUM_NORM).normalizer(5),
                 small, ScalarType.Float, Layout.PADDED, true, false);
+        // The further objectives and KL estimators, through the same loss_math.h on both devices.
+        lossCase("CISPO k3+", PolicyLoss.cispo().kl(0.05, KlEstimator.K3_PLUS), odd, ScalarType.Float, Layout.PACKED, true, false);
+        lossCase("SAPO sequence unbiased-k3", PolicyLoss.sapo().sequenceRatio(true).kl(0.05, KlEstimator.K3_UNBIASED), small,
+                ScalarType.BFloat16, Layout.PADDED, true, false);
+        lossCase("SAPO abs-kl", PolicyLoss.sapo().kl(0.05, KlEstimator.ABS).entropyCoefficient(0.01), odd, ScalarType.Half,
+                Layout.STRIDED, false, false);
+        lossCase("GMPO", PolicyLoss.gmpo().clip(0.1, 0.1).entropyCoefficient(0.01), odd, ScalarType.Float, Layout.PADDED, false, false);
+        lossCase("LUSPO dual-clip", PolicyLoss.luspo().dualClip(2).kl(0.05, KlEstimator.K2), small, ScalarType.Float, Layout.PACKED,
+                false, false);
+        lossCase("VESPO", PolicyLoss.vespo(), small, ScalarType.Float, Layout.PADDED, true, false);
+        lossCase("DPPO-TV", PolicyLoss.dppoTv().dppoDivergence(0.01, 0.01), odd, ScalarType.BFloat16, Layout.PACKED, false, false);
+        lossCase("DPPO-KL", PolicyLoss.dppoKl().dppoDivergence(0.005, 0.005).dppoRatioCap(1.2), odd, ScalarType.Float,
+                Layout.PADDED, true, false);
         lossCase("GRPO split rows", PolicyLoss.grpo().kl(0.05, KlEstimator.K3).entropyCoefficient(0.01), wide, ScalarType.Float,
                 Layout.PADDED, false, false);
         lossCase("GSPO split rows", PolicyLoss.gspo().clip(3e-3, 4e-3).entropyCoefficient(0.01), wide, ScalarType.BFloat16,

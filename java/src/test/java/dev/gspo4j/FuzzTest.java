@@ -109,15 +109,27 @@ class FuzzTest {
                 c.ref[i] = -Math.abs(2 * random.nextGaussian());
             }
         }
-        final int module = random.nextInt(4);
-        c.module = new String[] {"GSPO", "GSPO-token", "GRPO", "PPO"}[module];
+        final int module = random.nextInt(13);
+        c.module = new String[] {"GSPO", "GSPO-token", "GRPO", "PPO", "CISPO", "SAPO", "GMPO", "LUSPO", "VESPO", "DPPO-TV", "DPPO-KL",
+            "DAPO", "Dr. GRPO"}[module];
         c.builder = switch (module) {
             case 0 -> PolicyLoss.gspo();
             case 1 -> PolicyLoss.gspoToken();
             case 2 -> PolicyLoss.grpo();
-            default -> PolicyLoss.ppo();
+            case 3 -> PolicyLoss.ppo();
+            case 4 -> PolicyLoss.cispo().sequenceRatio(random.nextInt(3) == 0);
+            case 5 -> PolicyLoss.sapo().sequenceRatio(random.nextInt(3) == 0).sapoTemperatures(0.5 + random.nextDouble(), 0.5 + random.nextDouble());
+            case 6 -> PolicyLoss.gmpo();
+            case 7 -> PolicyLoss.luspo();
+            case 8 -> PolicyLoss.vespo().vespoShape(random.nextInt(4), random.nextInt(4), random.nextInt(4), random.nextInt(4));
+            case 9 -> PolicyLoss.dppoTv().dppoDivergence(random.nextDouble() * 0.2, random.nextDouble() * 0.2);
+            case 10 -> PolicyLoss.dppoKl().dppoDivergence(random.nextDouble() * 0.1, random.nextDouble() * 0.1).dppoRatioCap(1 + 20 * random.nextDouble());
+            case 11 -> PolicyLoss.dapo();
+            default -> PolicyLoss.drGrpo();
         };
-        c.tokenAdvantages = module == 1 || module == 3 ? random.nextBoolean() : module == 2 && random.nextInt(4) == 0;
+        final boolean sequenceObjective = module == 0 || module == 6 || module == 7;
+        final boolean clipped = module <= 3 || module == 7 || module >= 11;
+        c.tokenAdvantages = module == 1 || module == 3 ? random.nextBoolean() : !sequenceObjective && random.nextInt(4) == 0;
         c.advantages = new double[c.tokenAdvantages ? n : c.b];
         for (int i = 0; i < c.advantages.length; i++) {
             c.advantages[i] = random.nextGaussian();
@@ -126,8 +138,12 @@ class FuzzTest {
         if (random.nextBoolean()) {
             c.builder.clip(random.nextDouble() * 0.3, random.nextDouble() * 0.3);
         }
-        if (module >= 2 && random.nextInt(3) == 0) {
-            c.builder.dualClip(1.5 + 3 * random.nextDouble());
+        if (clipped && module >= 2 && random.nextInt(3) == 0) {
+            if (random.nextBoolean()) {
+                c.builder.dualClip(1.5 + 3 * random.nextDouble());
+            } else {
+                c.builder.delta(1.35 + 3 * random.nextDouble()); // >= 1 + the largest eps_high drawn above
+            }
         }
         if (module != 0 && random.nextBoolean()) {
             c.builder.aggregation(Aggregation.values()[random.nextInt(4)]);
@@ -137,7 +153,7 @@ class FuzzTest {
         }
         final boolean kl = random.nextInt(3) == 0;
         if (kl) {
-            c.builder.kl(0.01 + random.nextDouble() * 0.1, KlEstimator.values()[random.nextInt(3)]);
+            c.builder.kl(0.01 + random.nextDouble() * 0.1, KlEstimator.values()[random.nextInt(KlEstimator.values().length)]);
         }
         if (random.nextInt(3) == 0) {
             c.builder.entropyCoefficient(random.nextDouble() * 0.05);
@@ -489,7 +505,7 @@ class FuzzTest {
     static void groupCall(Random random, String label, int[] counts, boolean byIds) {
         final int count = random.nextInt(13);
         final int groupSize = random.nextInt(6) - (random.nextInt(10) == 0 ? 1 : 0);
-        final AdvantageMode mode = AdvantageMode.values()[random.nextInt(3)];
+        final AdvantageMode mode = AdvantageMode.values()[random.nextInt(AdvantageMode.values().length)];
         final float[] rewards = new float[count];
         for (int i = 0; i < count; i++) {
             rewards[i] = random.nextInt(3) == 0 ? random.nextInt(2) : (float) random.nextGaussian();
@@ -539,6 +555,22 @@ class FuzzTest {
         }
     }
 
+    /** The Bessel-corrected std of every reward (MEAN_BATCH_STD), 0 for fewer than two. */
+    static double batchStd(float[] rewards) {
+        if (rewards.length < 2) {
+            return 0;
+        }
+        double sum = 0;
+        for (float x : rewards) {
+            sum += x;
+        }
+        double squares = 0;
+        for (float x : rewards) {
+            squares += (x - sum / rewards.length) * (x - sum / rewards.length);
+        }
+        return Math.sqrt(squares / (rewards.length - 1));
+    }
+
     static double[] groupReference(float[] rewards, long[] ids, AdvantageMode mode) {
         final double[] out = new double[rewards.length];
         for (int i = 0; i < rewards.length; i++) {
@@ -563,6 +595,7 @@ class FuzzTest {
                 case MEAN -> rewards[i] - mean;
                 case RLOO -> rewards[i] - (sum - rewards[i]) / (g - 1);
                 case MEAN_STD -> (rewards[i] - mean) / (Math.sqrt(squares / (g - 1)) + Advantages.DEFAULT_EPS);
+                case MEAN_BATCH_STD -> (rewards[i] - mean) / (batchStd(rewards) + Advantages.DEFAULT_EPS);
             };
         }
         return out;

@@ -69,6 +69,26 @@ final class Gspo4jLibrary {
         native LossConfig kl_coef(double value);
         native double entropy_coef();
         native LossConfig entropy_coef(double value);
+        native int objective();
+        native LossConfig objective(int value);
+        native double sapo_tau_pos();
+        native LossConfig sapo_tau_pos(double value);
+        native double sapo_tau_neg();
+        native LossConfig sapo_tau_neg(double value);
+        native double vespo_k_pos();
+        native LossConfig vespo_k_pos(double value);
+        native double vespo_lambda_pos();
+        native LossConfig vespo_lambda_pos(double value);
+        native double vespo_k_neg();
+        native LossConfig vespo_k_neg(double value);
+        native double vespo_lambda_neg();
+        native LossConfig vespo_lambda_neg(double value);
+        native double dppo_delta_low();
+        native LossConfig dppo_delta_low(double value);
+        native double dppo_delta_high();
+        native LossConfig dppo_delta_high(double value);
+        native double dppo_ratio_cap();
+        native LossConfig dppo_ratio_cap(double value);
     }
 
     static native @Cast("const char*") BytePointer gspo4j_last_error();

@@ -211,7 +211,8 @@ public final class Kernels {
         Checks.notNull(layout, "layout");
         if (settings.ratioLevel() == RatioLevel.SEQUENCE && advantagesPerToken) {
             throw new IllegalArgumentException(
-                    "GSPO's sequence ratio needs one advantage per response; use GSPO-token for per-token advantages");
+                    settings.objective().objective().label() + "'s sequence term needs one advantage per response; use GSPO-token for "
+                            + "per-token advantages");
         }
         final long tokens = layout.tokens();
         Checks.capacity(loss, 1, "loss");
@@ -245,6 +246,17 @@ public final class Kernels {
                     .length_norm(settings.lengthNorm())
                     .kl_coef(settings.klCoef())
                     .entropy_coef(settings.entropyCoef());
+            final ObjectiveParams objective = settings.objective();
+            config.objective(objective.objective().code)
+                    .sapo_tau_pos(objective.sapoTauPos())
+                    .sapo_tau_neg(objective.sapoTauNeg())
+                    .vespo_k_pos(objective.vespoKPos())
+                    .vespo_lambda_pos(objective.vespoLambdaPos())
+                    .vespo_k_neg(objective.vespoKNeg())
+                    .vespo_lambda_neg(objective.vespoLambdaNeg())
+                    .dppo_delta_low(objective.dppoDeltaLow())
+                    .dppo_delta_high(objective.dppoDeltaHigh())
+                    .dppo_ratio_cap(objective.dppoRatioCap());
             check(Gspo4jLibrary.gspo4j_policy_loss(device.code, stream, config, layout.batch(), layout.seq(), tokens,
                     layout.offsets(), logprob, oldLogprob, mask, advantages, advantagesPerToken ? 1 : 0, refLogprob,
                     entropy, loss, gradLogprob, gradEntropy, metrics));

@@ -11,7 +11,7 @@ import dev.gspo4j.KlEstimator;
  * @param aggregation how per-token terms reduce to a scalar (GSPO's surrogate is always the mean over responses)
  * @param klEstimator the KL estimator, used when {@code klCoef != 0}
  * @param checkFinite whether NaN/Inf in a counted input is an error
- * @param epsLow lower clip: ratios below {@code 1 - epsLow} are clipped, in [0, 1)
+ * @param epsLow lower clip: ratios below {@code 1 - epsLow} are clipped, in [0, 1] (1: no lower bound, CISPO's default)
  * @param epsHigh upper clip: ratios above {@code 1 + epsHigh} are clipped, in [0, 1e6]
  * @param dualClip 0 (off) or c in (1, 1e6]: for A < 0 the objective is at least {@code c * A}
  * @param logRatioClamp R in (0, 88]: log-ratios are clamped to [-R, R] before exp
@@ -19,6 +19,8 @@ import dev.gspo4j.KlEstimator;
  * @param lengthNorm Lnorm of SEQ_MEAN_TOKEN_SUM_NORM, 0 for the default, else in [1e-6, 1e18]
  * @param klCoef the KL coefficient beta, in [-1e6, 1e6]
  * @param entropyCoef the entropy bonus coefficient, in [-1e6, 1e6]
+ * @param objective the objective and its own parameters; CISPO and SAPO take the ratio level TOKEN or
+ *     SEQUENCE_TOKEN, GMPO and LUSPO SEQUENCE, VESPO and DPPO TOKEN; dual clip only with the clipped ones
  */
 public record LossSettings(
         RatioLevel ratioLevel,
@@ -32,14 +34,16 @@ public record LossSettings(
         double normalizer,
         double lengthNorm,
         double klCoef,
-        double entropyCoef) {
+        double entropyCoef,
+        ObjectiveParams objective) {
 
     public LossSettings {
+        Checks.notNull(objective, "objective");
         Checks.notNull(ratioLevel, "ratioLevel");
         Checks.notNull(aggregation, "aggregation");
         Checks.notNull(klEstimator, "klEstimator");
-        if (!(epsLow >= 0 && epsLow < 1)) {
-            throw new IllegalArgumentException("epsLow must be in [0, 1), got " + epsLow);
+        if (!(epsLow >= 0 && epsLow <= 1)) {
+            throw new IllegalArgumentException("epsLow must be in [0, 1] (1: no lower bound), got " + epsLow);
         }
         if (!(epsHigh >= 0 && epsHigh <= MAX_EPS_HIGH)) {
             throw new IllegalArgumentException("epsHigh must be in [0, " + MAX_EPS_HIGH + "], got " + epsHigh);
@@ -55,6 +59,20 @@ public record LossSettings(
         requireCount(lengthNorm, "lengthNorm", "0: the default");
         requireCoefficient(klCoef, "klCoef");
         requireCoefficient(entropyCoef, "entropyCoef");
+        final Objective kind = objective.objective();
+        final boolean levelFits = switch (kind) {
+            case CLIP -> true;
+            case CISPO, SAPO -> ratioLevel != RatioLevel.SEQUENCE;
+            case GMPO, LUSPO -> ratioLevel == RatioLevel.SEQUENCE;
+            case VESPO, DPPO_TV, DPPO_KL -> ratioLevel == RatioLevel.TOKEN;
+        };
+        if (!levelFits) {
+            throw new IllegalArgumentException(kind.label() + " does not take the ratio level " + ratioLevel);
+        }
+        if (dualClip != 0 && !kind.clipped()) {
+            throw new IllegalArgumentException("dualClip (and delta) apply to the clipped objectives (GSPO, GSPO-token, GRPO, PPO, "
+                    + "LUSPO), not to " + kind.label() + "; leave it 0");
+        }
     }
 
     /** The largest epsHigh: 1 + epsHigh stays an ordinary number (a clip of 1e6 is no clip). */
@@ -95,52 +113,61 @@ public record LossSettings(
     /** GSPO as in the paper: sequence ratio, eps 3e-4 / 4e-4, R = 20, no KL, no entropy term. */
     public static LossSettings gspo() {
         return new LossSettings(RatioLevel.SEQUENCE, Aggregation.SEQ_MEAN_TOKEN_MEAN, KlEstimator.K3, true,
-                3e-4, 4e-4, 0, 20, 0, 0, 0, 0);
+                3e-4, 4e-4, 0, 20, 0, 0, 0, 0, ObjectiveParams.of(Objective.CLIP));
     }
 
     /** GRPO's token ratio with eps 0.2, sequence-mean token-mean, no KL. */
     public static LossSettings grpo() {
         return new LossSettings(RatioLevel.TOKEN, Aggregation.SEQ_MEAN_TOKEN_MEAN, KlEstimator.K3, true,
-                0.2, 0.2, 0, 20, 0, 0, 0, 0);
+                0.2, 0.2, 0, 20, 0, 0, 0, 0, ObjectiveParams.of(Objective.CLIP));
     }
 
     public LossSettings withRatioLevel(RatioLevel value) {
-        return new LossSettings(value, aggregation, klEstimator, checkFinite, epsLow, epsHigh, dualClip, logRatioClamp, normalizer, lengthNorm, klCoef, entropyCoef);
+        return new LossSettings(value, aggregation, klEstimator, checkFinite, epsLow, epsHigh, dualClip, logRatioClamp, normalizer, lengthNorm, klCoef, entropyCoef, objective);
     }
 
     public LossSettings withAggregation(Aggregation value) {
-        return new LossSettings(ratioLevel, value, klEstimator, checkFinite, epsLow, epsHigh, dualClip, logRatioClamp, normalizer, lengthNorm, klCoef, entropyCoef);
+        return new LossSettings(ratioLevel, value, klEstimator, checkFinite, epsLow, epsHigh, dualClip, logRatioClamp, normalizer, lengthNorm, klCoef, entropyCoef, objective);
     }
 
     public LossSettings withClip(double low, double high) {
-        return new LossSettings(ratioLevel, aggregation, klEstimator, checkFinite, low, high, dualClip, logRatioClamp, normalizer, lengthNorm, klCoef, entropyCoef);
+        return new LossSettings(ratioLevel, aggregation, klEstimator, checkFinite, low, high, dualClip, logRatioClamp, normalizer, lengthNorm, klCoef, entropyCoef, objective);
     }
 
     public LossSettings withDualClip(double value) {
-        return new LossSettings(ratioLevel, aggregation, klEstimator, checkFinite, epsLow, epsHigh, value, logRatioClamp, normalizer, lengthNorm, klCoef, entropyCoef);
+        return new LossSettings(ratioLevel, aggregation, klEstimator, checkFinite, epsLow, epsHigh, value, logRatioClamp, normalizer, lengthNorm, klCoef, entropyCoef, objective);
     }
 
     public LossSettings withLogRatioClamp(double value) {
-        return new LossSettings(ratioLevel, aggregation, klEstimator, checkFinite, epsLow, epsHigh, dualClip, value, normalizer, lengthNorm, klCoef, entropyCoef);
+        return new LossSettings(ratioLevel, aggregation, klEstimator, checkFinite, epsLow, epsHigh, dualClip, value, normalizer, lengthNorm, klCoef, entropyCoef, objective);
     }
 
     public LossSettings withNormalizer(double value) {
-        return new LossSettings(ratioLevel, aggregation, klEstimator, checkFinite, epsLow, epsHigh, dualClip, logRatioClamp, value, lengthNorm, klCoef, entropyCoef);
+        return new LossSettings(ratioLevel, aggregation, klEstimator, checkFinite, epsLow, epsHigh, dualClip, logRatioClamp, value, lengthNorm, klCoef, entropyCoef, objective);
     }
 
     public LossSettings withLengthNorm(double value) {
-        return new LossSettings(ratioLevel, aggregation, klEstimator, checkFinite, epsLow, epsHigh, dualClip, logRatioClamp, normalizer, value, klCoef, entropyCoef);
+        return new LossSettings(ratioLevel, aggregation, klEstimator, checkFinite, epsLow, epsHigh, dualClip, logRatioClamp, normalizer, value, klCoef, entropyCoef, objective);
     }
 
     public LossSettings withKl(double coef, KlEstimator estimator) {
-        return new LossSettings(ratioLevel, aggregation, estimator, checkFinite, epsLow, epsHigh, dualClip, logRatioClamp, normalizer, lengthNorm, coef, entropyCoef);
+        return new LossSettings(ratioLevel, aggregation, estimator, checkFinite, epsLow, epsHigh, dualClip, logRatioClamp, normalizer, lengthNorm, coef, entropyCoef, objective);
     }
 
     public LossSettings withEntropyCoef(double value) {
-        return new LossSettings(ratioLevel, aggregation, klEstimator, checkFinite, epsLow, epsHigh, dualClip, logRatioClamp, normalizer, lengthNorm, klCoef, value);
+        return new LossSettings(ratioLevel, aggregation, klEstimator, checkFinite, epsLow, epsHigh, dualClip, logRatioClamp, normalizer, lengthNorm, klCoef, value, objective);
+    }
+
+    /** The objective, with the ratio level it needs; the clip range and the aggregation stay as they are. */
+    public LossSettings withObjective(ObjectiveParams value, RatioLevel level) {
+        return new LossSettings(level, aggregation, klEstimator, checkFinite, epsLow, epsHigh, dualClip, logRatioClamp, normalizer, lengthNorm, klCoef, entropyCoef, value);
+    }
+
+    public LossSettings withObjectiveParams(ObjectiveParams value) {
+        return new LossSettings(ratioLevel, aggregation, klEstimator, checkFinite, epsLow, epsHigh, dualClip, logRatioClamp, normalizer, lengthNorm, klCoef, entropyCoef, value);
     }
 
     public LossSettings withCheckFinite(boolean value) {
-        return new LossSettings(ratioLevel, aggregation, klEstimator, value, epsLow, epsHigh, dualClip, logRatioClamp, normalizer, lengthNorm, klCoef, entropyCoef);
+        return new LossSettings(ratioLevel, aggregation, klEstimator, value, epsLow, epsHigh, dualClip, logRatioClamp, normalizer, lengthNorm, klCoef, entropyCoef, objective);
     }
 }

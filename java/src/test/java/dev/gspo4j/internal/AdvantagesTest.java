@@ -115,7 +115,7 @@ class AdvantagesTest {
         // Native re-checks, past the Java facade.
         try (FloatPointer r = NativeBuffers.floats(rewards); FloatPointer out = new FloatPointer(5L)) {
             assertEquals(1, Gspo4jLibrary.gspo4j_group_advantages(0, null, 5, r, 0, null, 0, 1e-6, 1, out));
-            assertEquals(1, Gspo4jLibrary.gspo4j_group_advantages(0, null, 5, r, 5, null, 3, 1e-6, 1, out));
+            assertEquals(1, Gspo4jLibrary.gspo4j_group_advantages(0, null, 5, r, 5, null, 4, 1e-6, 1, out));
             assertEquals(1, Gspo4jLibrary.gspo4j_group_advantages(0, null, 5, null, 5, null, 0, 1e-6, 1, out));
             assertEquals(1, Gspo4jLibrary.gspo4j_group_advantages(0, null, 5, r, 2, null, 0, 1e-6, 1, out));
         }

@@ -381,7 +381,7 @@ class PolicyLossTest {
             assertEquals(Gspo4jException.Status.OUT_OF_RANGE, e.status());
             assertTrue(e.getMessage().contains("offsets"), e.getMessage());
         }
-        assertThrows(IllegalArgumentException.class, () -> LossSettings.gspo().withClip(1.0, 0.2));
+        assertThrows(IllegalArgumentException.class, () -> LossSettings.gspo().withClip(1.01, 0.2));
         assertThrows(IllegalArgumentException.class, () -> LossSettings.gspo().withClip(-0.1, 0.2));
         assertThrows(IllegalArgumentException.class, () -> LossSettings.gspo().withDualClip(0.5));
         assertThrows(IllegalArgumentException.class, () -> LossSettings.gspo().withLogRatioClamp(0));

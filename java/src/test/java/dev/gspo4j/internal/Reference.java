@@ -141,11 +141,14 @@ final class Reference {
         return j;
     }
 
-    private static double kl(double d, KlEstimator estimator) {
+    /** The KL estimate of d = ref - lp; {@code ratio} is the token ratio exp(clamp(lp - olp)) K3_UNBIASED weighs k3 by. */
+    private static double kl(double d, KlEstimator estimator, double ratio) {
         return switch (estimator) {
             case K1 -> -d;
             case K2 -> d * d / 2;
-            case K3 -> Math.exp(d) - d - 1;
+            case K3, K3_PLUS -> Math.exp(d) - d - 1;
+            case K3_UNBIASED -> ratio * (Math.exp(d) - d - 1);
+            case ABS -> Math.abs(d);
         };
     }
 
@@ -236,7 +239,7 @@ final class Reference {
                 }
                 if (s.klCoef() != 0) {
                     final double d = Math.min(Math.max(in.refLogprob()[i] - lp, -r), r);
-                    klTerm += weight[b] * kl(d, s.klEstimator());
+                    klTerm += weight[b] * kl(d, s.klEstimator(), Math.exp(Math.min(Math.max(lp - olp, -r), r)));
                 }
                 if (in.entropy() != null) {
                     entropyTerm += weight[b] * in.entropy()[i];
@@ -277,6 +280,8 @@ final class Reference {
                         onOrOffPolicy.mask(), onOrOffPolicy.advantages(), onOrOffPolicy.advantagesPerToken(),
                         onOrOffPolicy.refLogprob(), onOrOffPolicy.entropy());
         final LossValue value = lossValue(s, in);
+        // K3_PLUS has the value of k3 and the gradient of k2: difference the loss with k2 in its place.
+        final LossSettings differenced = s.klEstimator() == KlEstimator.K3_PLUS ? s.withKl(s.klCoef(), KlEstimator.K2) : s;
         final int tokens = in.logprob().length;
         final double[] gradLogprob = new double[tokens];
         final double[] gradEntropy = new double[tokens];
@@ -286,12 +291,12 @@ final class Reference {
                 continue;
             }
             if (s.ratioLevel() == RatioLevel.SEQUENCE_TOKEN) {
-                gradLogprob[i] = sequenceTokenGradient(s, in, i, h);
+                gradLogprob[i] = sequenceTokenGradient(differenced, in, i, h);
             } else {
-                gradLogprob[i] = centralDifference(s, in, i, h, false);
+                gradLogprob[i] = centralDifference(differenced, in, i, h, false);
             }
             if (in.entropy() != null) {
-                gradEntropy[i] = centralDifference(s, in, i, h, true);
+                gradEntropy[i] = centralDifference(differenced, in, i, h, true);
             }
         }
         if (s.entropyCoef() == 0) {
@@ -392,10 +397,28 @@ final class Reference {
                     case MEAN -> rewards[i] - mean;
                     case RLOO -> rewards[i] - (sum - rewards[i]) / (g - 1);
                     case MEAN_STD -> (rewards[i] - mean) / (Math.sqrt(squares / (g - 1)) + eps);
+                    case MEAN_BATCH_STD -> (rewards[i] - mean) / (batchStd(rewards) + eps);
                 };
             }
         }
         return out;
+    }
+
+    /** The Bessel-corrected std of every reward (MEAN_BATCH_STD's denominator); 0 for fewer than two. */
+    static double batchStd(double[] rewards) {
+        if (rewards.length < 2) {
+            return 0;
+        }
+        double sum = 0;
+        for (double x : rewards) {
+            sum += x;
+        }
+        final double mean = sum / rewards.length;
+        double squares = 0;
+        for (double x : rewards) {
+            squares += (x - mean) * (x - mean);
+        }
+        return Math.sqrt(squares / (rewards.length - 1));
     }
 
     /** GAE over each response's counted tokens; {advantages, returns}. */
