@@ -502,6 +502,13 @@ int threads_override() {
     return 0;
 }
 
+// GSPO4J_CUDA_SPLIT_ROWS=1 lets the plan split rows over CTAs when there are few rows (see plan()).
+// Read on every call, like GSPO4J_CUDA_THREADS.
+bool split_rows_opt_in() {
+    const char* value = std::getenv("GSPO4J_CUDA_SPLIT_ROWS");
+    return value != nullptr && std::strcmp(value, "1") == 0;
+}
+
 // Calls launch(std::integral_constant<int, threads>) for the compiled CTA sizes.
 template <typename Launch>
 void with_threads(int threads, Launch launch) {
@@ -523,11 +530,14 @@ Plan plan(int64_t rows, int64_t vocab) {
     // most of them idle.
     p.threads = vocab >= 8192 ? 512 : 128;
     if (const int forced = threads_override()) p.threads = forced;
-    // Enough CTAs for every multiprocessor to hold several; a row is split only when there are
-    // fewer rows than that, into slices of at least 8192 columns.
+    // A row's reduction order depends on how many CTAs share it, so splitting rows when there are
+    // few of them would make a row's lp, lse and H depend on the batch around it (SPEC,
+    // "Invariances"). By default every row is one CTA, whatever the batch. Opting in
+    // (GSPO4J_CUDA_SPLIT_ROWS=1) trades that invariance for latency on small batches: with fewer
+    // rows than 4 CTAs per multiprocessor, rows are split into slices of at least 8192 columns.
     const int64_t wanted = 4LL * multiprocessors;
     p.splits = 1;
-    if (rows < wanted) {
+    if (split_rows_opt_in() && rows < wanted) {
         const int64_t by_rows = ceil_div(wanted, std::max<int64_t>(rows, 1));
         const int64_t by_width = std::max<int64_t>(1, vocab / 8192);
         p.splits = static_cast<int>(std::min<int64_t>(64, std::min(by_rows, by_width)));

@@ -809,9 +809,13 @@ void extreme_rows_section() {
     }
 }
 
-// Rows split over several CTAs: few rows of a long vocabulary (the plan splits when there are
-// fewer than 4 rows per multiprocessor).
+// Rows split over several CTAs: few rows of a long vocabulary. The plan splits only when opted in
+// (GSPO4J_CUDA_SPLIT_ROWS=1) and there are fewer than 4 rows per multiprocessor.
 void split_rows_section() {
+    setenv("GSPO4J_CUDA_SPLIT_ROWS", "1", 1);
+    struct Unset {
+        ~Unset() { unsetenv("GSPO4J_CUDA_SPLIT_ROWS"); }
+    } unset;
     const int dtypes[] = {GSPO4J_FLOAT32, GSPO4J_BFLOAT16, GSPO4J_FLOAT16};
     int turn = 0;
     for (int64_t vocab : {int64_t{50000}, int64_t{140001}}) {
@@ -1319,12 +1323,70 @@ void errors_section() {
 
 // ---- Batch invariance ------------------------------------------------------------------------------
 
-// A row's lp, lse and H are the same bits alone and inside a batch (SPEC.md "Invariances"), as long
-// as the launch plan is the same: rows split over several CTAs (V >= 16384 and fewer rows than 4
-// per multiprocessor) are merged in another order than whole rows, which breaks the invariance
-// between a batch that is split and one that is not. Issue 15 owns that; here the invariance is
-// checked within one plan, and the plan change is reported.
+// One row alone, and the same row inside a batch of more rows than 4 per multiprocessor: the
+// batch size at which an opted-in plan would stop splitting rows (V >= 16384). By default rows are
+// never split, so lp, lse, H and the row's gradient are the same bits. The emulator reports 4
+// multiprocessors here so the batch stays small.
+void across_split_boundary(int dtype) {
+    const std::string what = format("batch invariance across the split boundary %s", dtype_name(dtype));
+    if (!selected(what, false)) return;
+    simt::Config& config = simt::config();
+    const int saved = config.multiprocessors;
+    config.multiprocessors = 4;
+    const int64_t vocab = 16448, rows = 4 * 4 + 8, row = 13;
+    const std::vector<int64_t> targets = random_targets(rows, vocab);
+    const Logits l = make_logits(dtype, 1, rows, vocab, rows * vocab, vocab, 0, Fill::kNormal, targets);
+    const size_t row_bytes = static_cast<size_t>(vocab) * dtype_bytes(dtype);
+    struct Out {
+        std::vector<float> lp, h;
+        std::vector<double> lse;
+        std::vector<uint8_t> grad;  // the gradient of the watched row
+        bool ok = false;
+    };
+    // Forward and backward of `count` rows starting at `first`; the watched row is row - first.
+    auto run = [&](int64_t first, int64_t count) {
+        Out o;
+        const Buffer logits(l.bytes.data() + first * row_bytes, static_cast<size_t>(count) * row_bytes, true);
+        const Buffer t = input(std::vector<int64_t>(targets.begin() + first, targets.begin() + first + count), true);
+        Buffer lp = output<float>(count, true), lse = output<double>(count, true), h = output<float>(count, true);
+        int status = gspo4j_token_logprob_forward(kCuda, nullptr, logits.as<void>(), dtype, 1, count, vocab, count * vocab, vocab, t.as<int64_t>(),
+                                                  1.0, 1, lp.as<float>(), lse.as<double>(), h.as<float>());
+        if (status != GSPO4J_OK) {
+            report.fail(what + ": forward: " + gspo4j_last_error());
+            return o;
+        }
+        const Buffer grad_lp = input(std::vector<float>(count, -0.75f), true), grad_h = input(std::vector<float>(count, 0.125f), true);
+        Buffer grad(nullptr, static_cast<size_t>(count) * row_bytes, true);
+        status = gspo4j_token_logprob_backward(kCuda, nullptr, logits.as<void>(), dtype, 1, count, vocab, count * vocab, vocab, t.as<int64_t>(), 1.0,
+                                               lse.as<double>(), h.as<float>(), grad_lp.as<float>(), grad_h.as<float>(), grad.as<void>(), count * vocab,
+                                               vocab);
+        if (status != GSPO4J_OK) {
+            report.fail(what + ": backward: " + gspo4j_last_error());
+            return o;
+        }
+        const int64_t i = row - first;
+        o.lp = {lp.as<float>()[i]};
+        o.h = {h.as<float>()[i]};
+        o.lse = {lse.as<double>()[i]};
+        const uint8_t* g = grad.as<uint8_t>() + i * row_bytes;
+        o.grad.assign(g, g + row_bytes);
+        o.ok = true;
+        return o;
+    };
+    const Out alone = run(row, 1), batched = run(0, rows);
+    config.multiprocessors = saved;
+    if (!alone.ok || !batched.ok) return;
+    report.expect(std::memcmp(alone.lp.data(), batched.lp.data(), 4) == 0 && std::memcmp(alone.lse.data(), batched.lse.data(), 8) == 0 &&
+                      std::memcmp(alone.h.data(), batched.h.data(), 4) == 0,
+                  what + ": lp, lse or H of the row alone differ from the same row in a batch of " + std::to_string(rows));
+    report.expect(alone.grad == batched.grad, what + ": the row's gradient alone differs from the same row in a batch of " + std::to_string(rows));
+    for (const std::string& m : simt::take_misuses()) report.fail(what + ": emulator: " + m);
+}
+
+// A row's lp, lse and H are the same bits alone and inside a batch (SPEC.md "Invariances"):
+// padded, packed, and across the batch size at which an opted-in plan would split rows.
 void batch_invariance_section() {
+    for (int dtype : {GSPO4J_FLOAT32, GSPO4J_BFLOAT16}) across_split_boundary(dtype);
     for (int dtype : {GSPO4J_FLOAT32, GSPO4J_BFLOAT16}) {
         for (int64_t vocab : {int64_t{7}, int64_t{1000}, int64_t{32001}}) {
             const int64_t rows = 12;
