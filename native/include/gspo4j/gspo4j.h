@@ -40,10 +40,6 @@
 extern "C" {
 #endif
 
-#define GSPO4J_VERSION_MAJOR 0
-#define GSPO4J_VERSION_MINOR 1
-#define GSPO4J_VERSION_PATCH 0
-
 typedef enum gspo4j_status {
     GSPO4J_OK = 0,
     GSPO4J_ERROR_INVALID_ARGUMENT = 1, /* a pointer, size, stride or option is wrong */
@@ -166,6 +162,8 @@ typedef struct gspo4j_loss_config {
 
 /* Thread-local message of the last failed call on this thread ("" if none). */
 GSPO4J_API const char* gspo4j_last_error(void);
+/* The library's version, e.g. "0.1.0" (the Maven project's version; the Java layer requires its
+ * own). */
 GSPO4J_API const char* gspo4j_version(void);
 /* Number of CUDA devices usable by this build (0 when built without CUDA or no driver). */
 GSPO4J_API int32_t gspo4j_cuda_device_count(void);
