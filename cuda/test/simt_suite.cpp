@@ -535,7 +535,7 @@ std::vector<int64_t> random_targets(int64_t rows, int64_t vocab) {
     return t;
 }
 
-// A long double reference of one row (SPEC.md), from the logits as stored: s = z / tau - M,
+// A long double reference of one row (docs/math.md), from the logits as stored: s = z / tau - M,
 // S = sum e^s, lse = M + log S, lp = s_y - log S, H = log S - sum p s, and the gradient. `valid`
 // is false for a row with NaN, +Inf or no finite entry.
 struct RowReference {
@@ -964,7 +964,7 @@ void policy_loss_section() {
             if (selected("policy_loss kl " + describe(c, b, false, false), false)) policy_loss_case(c, b, false, false, true, true);
         }
     }
-    // The further objectives (SPEC.md "Further objectives"), each at the ratio levels it takes, with
+    // The further objectives (docs/math.md "Further objectives"), each at the ratio levels it takes, with
     // every KL estimator in turn, padded and packed, on and off policy.
     struct ObjectiveCase {
         int objective;
@@ -1319,7 +1319,7 @@ void errors_section() {
 
 // ---- Batch invariance ------------------------------------------------------------------------------
 
-// A row's lp, lse and H are the same bits alone and inside a batch (SPEC.md "Invariances"), as long
+// A row's lp, lse and H are the same bits alone and inside a batch (docs/math.md "Invariances"), as long
 // as the launch plan is the same: rows split over several CTAs (V >= 16384 and fewer rows than 4
 // per multiprocessor) are merged in another order than whole rows, which breaks the invariance
 // between a batch that is split and one that is not. Issue 15 owns that; here the invariance is
