@@ -67,7 +67,11 @@ public final class Gspo4j {
                 Kernels.cudaDeviceCount(), Kernels.numThreads(), path);
     }
 
-    /** The CPU kernels' thread count now. */
+    /**
+     * The CPU kernels' thread count now.
+     *
+     * @return the count, in [1, {@value #MAX_THREADS}]
+     */
     public static int threads() {
         return Kernels.numThreads();
     }
@@ -86,6 +90,7 @@ public final class Gspo4j {
      * The default thread count as it would be computed now: {@code gspo4j.threads} when set, else
      * {@code min(Runtime.availableProcessors(), torch.get_num_threads())}.
      *
+     * @return the count, in [1, {@value #MAX_THREADS}]
      * @throws IllegalArgumentException when {@code gspo4j.threads} is set but not an integer in
      *     [1, {@value #MAX_THREADS}]
      */
