@@ -317,6 +317,73 @@ class LinearLossTest {
         }
     }
 
+    /** Hidden states from a model below (a non-leaf, and the [:, :-1, :] view): the gradient reaches its parameters. */
+    @Test
+    void gradientContinuesThroughTheModelBelow() {
+        final PolicyLoss loss = PolicyLoss.gspoToken().clip(0.02, 0.03).entropyCoefficient(0.01).build();
+        try (Problem p = new Problem(21, false, ScalarType.Float, 0.05); Tensor x = torch.randn(B, T + 1, H).set_requires_grad(true);
+                Tensor a = torch.randn(H, H).set_requires_grad(true)) {
+            final Tensor[] want = new Tensor[3];
+            for (int pass = 0; pass < 2; pass++) {
+                try (Tensor mixed = x.matmul(a); Tensor activated = mixed.tanh(); Tensor hidden = activated.narrow(1, 0, T)) {
+                    final LossInput.Builder in = pass == 0
+                            ? LossInput.builder().logits(torch.linear(hidden, p.weight, p.bias))
+                            : LossInput.builder().hiddenStates(hidden, p.weight, p.bias).logitsChunkBytes(chunkBytes(5, ScalarType.Float));
+                    try (LossResult r = loss.compute(p.common(in, false).build())) {
+                        r.loss().backward();
+                    }
+                }
+                final Tensor[] grads = {x.grad().clone(), a.grad().clone(), p.weight.grad().clone()};
+                if (pass == 0) {
+                    System.arraycopy(grads, 0, want, 0, 3);
+                    for (Tensor t : new Tensor[] {x, a}) {
+                        try (Tensor g = t.grad()) {
+                            g.zero_();
+                        }
+                    }
+                    p.zeroGrads();
+                } else {
+                    for (int i = 0; i < 3; i++) {
+                        PolicyLossModuleTest.assertClose(want[i], grads[i], 1e-4, 1e-6, "grad " + i + " through the model below");
+                        want[i].close();
+                        grads[i].close();
+                    }
+                }
+            }
+        }
+    }
+
+    @Test
+    void doubleBackwardIsRefused() {
+        final PolicyLoss loss = PolicyLoss.grpo().build();
+        try (Problem p = new Problem(22, false, ScalarType.Float, 0.05);
+                LossResult r = loss.compute(p.common(LossInput.builder().hiddenStates(p.hidden, p.weight, p.bias), false).build());
+                Tensor l = r.loss()) {
+            final RuntimeException e = assertThrows(RuntimeException.class, () -> l.backward(new Tensor(),
+                    new org.bytedeco.pytorch.BoolOptional(true), true, new org.bytedeco.pytorch.TensorArrayRefOptional()));
+            assertTrue(e.getMessage().contains("double backward"), e.getMessage());
+        }
+        assertEquals(0, FusedLinear.liveGraphs(), "graphs released");
+    }
+
+    @Test
+    void retainGraphRunsTwice() {
+        final PolicyLoss loss = PolicyLoss.grpo().build();
+        try (Problem p = new Problem(23, true, ScalarType.Float, 0.05);
+                LossResult r = loss.compute(p.common(LossInput.builder().hiddenStates(p.hidden, p.weight, p.bias), false)
+                        .logitsChunkBytes(chunkBytes(4, ScalarType.Float)).build());
+                Tensor l = r.loss()) {
+            l.backward(new Tensor(), new org.bytedeco.pytorch.BoolOptional(true), false, new org.bytedeco.pytorch.TensorArrayRefOptional());
+            final Tensor once = p.weight.grad().clone();
+            l.backward(new Tensor(), new org.bytedeco.pytorch.BoolOptional(false), false, new org.bytedeco.pytorch.TensorArrayRefOptional());
+            try (Scalar two = new Scalar(2.0); Tensor twice = once.mul(two)) {
+                PolicyLossModuleTest.assertClose(twice, p.weight.grad(), 1e-5, 1e-7, "two backwards add");
+            }
+            once.close();
+        }
+        assertEquals(0, FusedLinear.liveGraphs(), "graphs released");
+    }
+
     @Test
     void noGradComputesValuesOnly() {
         final PolicyLoss loss = PolicyLoss.grpo().build();
