@@ -13,6 +13,10 @@ import org.bytedeco.pytorch.Tensor;
  * small (O(N)); any that is not already contiguous in the dtype the kernels use (int64 ids and
  * offsets, uint8 mask, float32 values) is converted, a copy of O(N).
  *
+ * <p>In place of the logits, {@link Builder#hiddenStates} takes the hidden states and the lm_head
+ * that makes them ({@code [B, T, H]} or {@code [N, H]}, weight {@code [V, H]}, bias {@code [V]}):
+ * the fused linear path, whose logits exist only one chunk at a time ({@link Builder#logitsChunkBytes}).
+ *
  * <p>Holds references to the caller's tensors, not copies; it does not close them. Immutable once
  * built; it may be shared between threads as long as nobody writes into its tensors meanwhile.
  */

@@ -321,7 +321,9 @@ public final class PolicyLoss {
     /**
      * Computes the loss, the log-probs, the entropy and the metrics. With grad enabled and logits
      * that require grad, {@link LossResult#loss()} is differentiable and {@link LossResult#backward()}
-     * works; otherwise only values are computed.
+     * works; otherwise only values are computed. With {@link LossInput.Builder#hiddenStates} in place
+     * of logits, the same loss over {@code hidden @ weight^T + bias} computed one chunk of logits at a
+     * time; its gradient goes to the hidden states, the weight and the bias (those requiring grad).
      *
      * <p>The result owns its tensors and graph state, not a JavaCPP {@code PointerScope} open
      * while this runs: it may be backwarded after that scope closed; close the result.
