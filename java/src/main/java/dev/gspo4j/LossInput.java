@@ -13,6 +13,10 @@ import org.bytedeco.pytorch.Tensor;
  * small (O(N)); any that is not already contiguous in the dtype the kernels use (int64 ids and
  * offsets, uint8 mask, float32 values) is converted, a copy of O(N).
  *
+ * <p>In place of the logits, {@link Builder#hiddenStates} takes the hidden states and the lm_head
+ * that makes them ({@code [B, T, H]} or {@code [N, H]}, weight {@code [V, H]}, bias {@code [V]}):
+ * the fused linear path, whose logits exist only one chunk at a time ({@link Builder#logitsChunkBytes}).
+ *
  * <p>Holds references to the caller's tensors, not copies; it does not close them. Immutable once
  * built; it may be shared between threads as long as nobody writes into its tensors meanwhile.
  */
@@ -27,6 +31,11 @@ public final class LossInput {
     final Tensor offsets;
     final Long ignoreIndex; // null: off
     final Double normalizer; // null: the PolicyLoss's own
+    // The hidden-state path (logits == null): hidden states, the lm_head's weight and bias.
+    final Tensor hiddenStates;
+    final Tensor weight;
+    final Tensor bias;
+    final long logitsChunkBytes;
 
     private LossInput(Builder b) {
         this.logits = b.logits;
@@ -39,7 +48,14 @@ public final class LossInput {
         this.offsets = b.offsets;
         this.ignoreIndex = b.ignoreIndex;
         this.normalizer = b.normalizer;
+        this.hiddenStates = b.hiddenStates;
+        this.weight = b.weight;
+        this.bias = b.bias;
+        this.logitsChunkBytes = b.logitsChunkBytes;
     }
+
+    /** The default budget of the hidden-state path's logits chunk: 256 MiB. */
+    public static final long DEFAULT_LOGITS_CHUNK_BYTES = 256L << 20;
 
     /**
      * A new builder.
@@ -50,7 +66,7 @@ public final class LossInput {
         return new Builder();
     }
 
-    /** Builds a {@link LossInput}; logits, targets and advantages are required. */
+    /** Builds a {@link LossInput}; logits (or hidden states), targets and advantages are required. */
     public static final class Builder {
         private Tensor logits;
         private Tensor targets;
@@ -62,6 +78,10 @@ public final class LossInput {
         private Tensor offsets;
         private Long ignoreIndex;
         private Double normalizer;
+        private Tensor hiddenStates;
+        private Tensor weight;
+        private Tensor bias;
+        private long logitsChunkBytes = DEFAULT_LOGITS_CHUNK_BYTES;
 
         private Builder() {}
 
@@ -204,6 +224,45 @@ public final class LossInput {
             return this;
         }
 
+        /**
+         * The fused linear path, in place of {@link #logits}: the loss of the logits
+         * {@code hidden @ weight^T + bias} (an lm_head, {@code nn.Linear(H, V)}), which never exist
+         * whole: they are computed by libtorch's matrix product one chunk of token rows at a time
+         * (at most {@link #logitsChunkBytes} of them), read by the same fused kernels, and recomputed
+         * chunk by chunk in the backward, whose gradient goes to the hidden states, the weight and
+         * the bias (each that requires grad). Every other input and option is as with logits.
+         *
+         * @param hidden {@code [B, T, H]} (padded) or {@code [N, H]} (packed, with {@link #offsets});
+         *     float32, bfloat16 or float16
+         * @param weight {@code [V, H]}, the hidden states' dtype and device
+         * @param bias {@code [V]} in the same dtype, or null
+         */
+        public Builder hiddenStates(Tensor hidden, Tensor weight, Tensor bias) {
+            TensorArgs.requireOpen(hidden, "hiddenStates");
+            TensorArgs.requireOpen(weight, "weight");
+            optionalOpen(bias, "bias");
+            this.hiddenStates = hidden;
+            this.weight = weight;
+            this.bias = bias;
+            return this;
+        }
+
+        /**
+         * The hidden-state path's memory budget for one chunk of logits, in bytes: a chunk holds
+         * {@code max(1, bytes / (V * element size))} token rows, and that one buffer serves every
+         * chunk of the forward and of the backward (the gradient is written into it in place).
+         * Default {@link #DEFAULT_LOGITS_CHUNK_BYTES} (256 MiB: 883 rows of V = 151936 in bf16).
+         *
+         * @param bytes at least 1
+         */
+        public Builder logitsChunkBytes(long bytes) {
+            if (bytes < 1) {
+                throw new IllegalArgumentException("logitsChunkBytes must be >= 1, got " + bytes);
+            }
+            this.logitsChunkBytes = bytes;
+            return this;
+        }
+
         private static void optionalOpen(Tensor t, String name) {
             if (t != null) {
                 TensorArgs.requireOpen(t, name);
@@ -217,8 +276,13 @@ public final class LossInput {
          * @throws IllegalArgumentException when the logits, targets or advantages are missing
          */
         public LossInput build() {
-            if (logits == null) {
-                throw new IllegalArgumentException("logits are required");
+            if (logits == null && hiddenStates == null) {
+                throw new IllegalArgumentException("logits are required (or hiddenStates(hidden, weight, bias) for the fused "
+                        + "linear path)");
+            }
+            if (logits != null && hiddenStates != null) {
+                throw new IllegalArgumentException("logits and hiddenStates are both set: give one, the logits or the hidden "
+                        + "states with the lm_head that makes them");
             }
             if (targets == null) {
                 throw new IllegalArgumentException("targets are required");

@@ -1,6 +1,6 @@
 package dev.gspo4j;
 
-import dev.gspo4j.internal.FusedLogProbs;
+import dev.gspo4j.internal.LossGraph;
 import dev.gspo4j.internal.Unscoped;
 import org.bytedeco.pytorch.BoolOptional;
 import org.bytedeco.pytorch.Tensor;
@@ -37,14 +37,14 @@ public final class LossResult implements AutoCloseable {
     private final Tensor logProbs;
     private final Tensor entropy;
     private final LossMetrics metrics;
-    private final FusedLogProbs fused; // null when computed without grad
+    private final LossGraph fused; // null when computed without grad
     private GraphLoss loss;
     private boolean closed;
     private boolean released;
     private boolean directBackwardRan;
     private int runningBackwards;
 
-    LossResult(Tensor lossValue, Tensor logProbs, Tensor entropy, LossMetrics metrics, FusedLogProbs fused) {
+    LossResult(Tensor lossValue, Tensor logProbs, Tensor entropy, LossMetrics metrics, LossGraph fused) {
         this.lossValue = lossValue;
         this.logProbs = logProbs;
         this.entropy = entropy;
@@ -68,7 +68,7 @@ public final class LossResult implements AutoCloseable {
         if (loss == null) {
             // Owned by this result, not by a PointerScope open now (see Unscoped).
             loss = Unscoped.call(() -> {
-                final FusedLogProbs graph = fused == null ? null : fused.copy();
+                final LossGraph graph = fused == null ? null : fused.copy();
                 final Tensor built = graph == null ? new Tensor(lossValue) : graph.attach(lossValue);
                 try {
                     return new GraphLoss(built, graph);
@@ -241,9 +241,9 @@ public final class LossResult implements AutoCloseable {
         private boolean closeRequested;
         // The graph's holder, owned by the graph (never closed here): read for the exception its
         // hook threw, which libtorch's engine reports only as a RuntimeException with its text.
-        private final FusedLogProbs graph;
+        private final LossGraph graph;
 
-        GraphLoss(Tensor loss, FusedLogProbs graph) {
+        GraphLoss(Tensor loss, LossGraph graph) {
             super(loss);
             this.graph = graph;
         }

@@ -1,10 +1,12 @@
 package dev.gspo4j;
 
 import dev.gspo4j.internal.Device;
+import dev.gspo4j.internal.FusedLinear;
 import dev.gspo4j.internal.FusedLogProbs;
 import dev.gspo4j.internal.Kernels;
 import dev.gspo4j.internal.LogitsDtype;
 import dev.gspo4j.internal.LogitsView;
+import dev.gspo4j.internal.LossGraph;
 import dev.gspo4j.internal.LossSettings;
 import dev.gspo4j.internal.Metric;
 import dev.gspo4j.internal.Objective;
@@ -439,7 +441,9 @@ public final class PolicyLoss {
     /**
      * Computes the loss, the log-probs, the entropy and the metrics. With grad enabled and logits
      * that require grad, {@link LossResult#loss()} is differentiable and {@link LossResult#backward()}
-     * works; otherwise only values are computed.
+     * works; otherwise only values are computed. With {@link LossInput.Builder#hiddenStates} in place
+     * of logits, the same loss over {@code hidden @ weight^T + bias} computed one chunk of logits at a
+     * time; its gradient goes to the hidden states, the weight and the bias (those requiring grad).
      *
      * <p>The result owns its tensors and graph state, not a JavaCPP {@code PointerScope} open
      * while this runs: it may be backwarded after that scope closed; close the result.
@@ -463,8 +467,11 @@ public final class PolicyLoss {
     private LossResult computeUnscoped(LossInput input) {
         // A normaliser given with the input overrides the loss's own for this call.
         final LossSettings settings = input.normalizer == null ? this.settings : this.settings.withNormalizer(input.normalizer);
-        try (PreparedInput in = PreparedInput.of(input, settings, temperature)) {
-            final Tensor logits = input.logits;
+        // The hidden-state path: the same pipeline, the logits computed chunk by chunk (FusedLinear).
+        try (HiddenStates head = input.hiddenStates == null ? null : HiddenStates.of(input);
+                PreparedInput in = head == null ? PreparedInput.of(input, settings, temperature)
+                        : PreparedInput.of(input, head.standInLogits, settings, temperature)) {
+            final Tensor logits = head == null ? input.logits : head.rows; // the device and dtype of the outputs
             final Device device = Tensors.device(logits);
             final Pointer stream = Tensors.stream(logits);
             final long[] tokenShape = in.tokenShape;
@@ -475,12 +482,17 @@ public final class PolicyLoss {
             final Tensor gradLogprob = Tensors.empty(tokenShape, ScalarType.Float, logits);
             final Tensor gradEntropy = settings.entropyCoef() != 0 ? Tensors.empty(tokenShape, ScalarType.Float, logits) : null;
             final Tensor metrics = Tensors.empty(new long[] {Metric.COUNT}, ScalarType.Float, logits);
-            FusedLogProbs fused = null;
+            LossGraph fused = null;
             LossMetrics lossMetrics = null;
             try {
-                in.translate(() -> Kernels.tokenLogProbForward(device, stream, in.view, Tensors.longs(in.targets),
-                        temperature, settings.checkFinite(), Tensors.floats(logProbs), Tensors.doubles(lse),
-                        Tensors.floats(entropy)));
+                if (head == null) {
+                    in.translate(() -> Kernels.tokenLogProbForward(device, stream, in.view, Tensors.longs(in.targets),
+                            temperature, settings.checkFinite(), Tensors.floats(logProbs), Tensors.doubles(lse),
+                            Tensors.floats(entropy)));
+                } else {
+                    in.translate(() -> FusedLinear.forward(head.rows, head.weight, head.bias, head.chunkRows, in.targets,
+                            temperature, settings.checkFinite(), logProbs, lse, entropy));
+                }
                 in.translate(() -> Kernels.policyLoss(device, stream, settings, in.layout, Tensors.floats(logProbs),
                         Tensors.floats(in.oldLogProbs), Tensors.bytes(in.mask), Tensors.floats(in.advantages),
                         in.tokenAdvantages, Tensors.floats(in.refLogProbs), Tensors.floats(entropy), Tensors.floats(value),
@@ -489,8 +501,11 @@ public final class PolicyLoss {
                 // here turns what they found into the exception the CPU path throws.
                 in.translate(() -> Kernels.reportDataErrors(device, stream));
                 lossMetrics = in.metrics(metrics);
-                if (GradMode.is_enabled() && logits.requires_grad()) {
+                if (GradMode.is_enabled() && head == null && logits.requires_grad()) {
                     fused = new FusedLogProbs(logits, in.view, in.targets, temperature, lse, entropy, gradLogprob, gradEntropy);
+                } else if (GradMode.is_enabled() && head != null && head.requiresGrad()) {
+                    fused = new FusedLinear(head.hidden, head.rows, head.weight, head.bias, head.chunkRows, in.targets,
+                            temperature, lse, entropy, gradLogprob, gradEntropy);
                 }
             } catch (RuntimeException e) {
                 if (lossMetrics != null) {

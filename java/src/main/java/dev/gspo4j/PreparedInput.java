@@ -41,9 +41,8 @@ final class PreparedInput implements AutoCloseable {
 
     final DataErrors errors;
 
-    private PreparedInput(LossInput in, LossSettings settings, double temperature) {
+    private PreparedInput(LossInput in, Tensor logits, LossSettings settings, double temperature) {
         try {
-            final Tensor logits = in.logits;
             TensorArgs.requireReadable(logits, "logits");
             TensorArgs.requireNoLazyBits(logits, "logits");
             final LogitsDtype dtype = Tensors.logitsDtype(logits.scalar_type());
@@ -161,7 +160,16 @@ final class PreparedInput implements AutoCloseable {
             + "PolicyLoss.Builder.checkFinite(false) lets NaN/Inf flow into the loss instead)";
 
     static PreparedInput of(LossInput in, LossSettings settings, double temperature) {
-        return new PreparedInput(in, settings, temperature);
+        return new PreparedInput(in, in.logits, settings, temperature);
+    }
+
+    /**
+     * {@link #of} with {@code logits} in place of the input's: for the hidden-state path, a
+     * stand-in with the logits' shape, dtype and device over one row of memory that nothing reads
+     * (see {@link HiddenStates}).
+     */
+    static PreparedInput of(LossInput in, Tensor logits, LossSettings settings, double temperature) {
+        return new PreparedInput(in, logits, settings, temperature);
     }
 
     /** Runs a kernel call; bad data it finds (ids, offsets, NaN/Inf) becomes IllegalArgumentException naming the Java argument. */

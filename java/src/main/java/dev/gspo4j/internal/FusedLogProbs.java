@@ -68,7 +68,7 @@ import org.bytedeco.pytorch.global.torch.ScalarType;
  * ready queue when a backward fails elsewhere (a node that was ready but had not run would keep the
  * graph alive in the thread's queue), so the state never outlives the graph.
  */
-public final class FusedLogProbs implements AutoCloseable {
+public final class FusedLogProbs implements LossGraph {
 
     // Graphs whose state is alive, by the address of their anchor's memory.
     private static final Map<Long, FusedLogProbs> LIVE_GRAPHS = new ConcurrentHashMap<>();
@@ -222,16 +222,19 @@ public final class FusedLogProbs implements AutoCloseable {
     }
 
     /** Another holder of the same tensors (for a graph, while the first stays with its result). */
+    @Override
     public FusedLogProbs copy() {
         return Unscoped.call(() -> new FusedLogProbs(this));
     }
 
     /** What this graph's gradient hook threw (the engine passes on only its text), or null. */
+    @Override
     public RuntimeException hookFailure() {
         return hookFailure;
     }
 
     /** Whether a backward through any graph made from this holder has produced the gradient. */
+    @Override
     public boolean gradientSent() {
         return gradientSent.get();
     }
@@ -241,6 +244,7 @@ public final class FusedLogProbs implements AutoCloseable {
      * the logits' metadata or storage, or the data of the logits, the targets or (with an entropy
      * term) the entropy tensor, as libtorch's version counter shows.
      */
+    @Override
     public void checkUnchanged() {
         final long[] shape = Tensors.shape(callerLogits);
         final long[] strides = Tensors.strides(callerLogits);
@@ -319,6 +323,7 @@ public final class FusedLogProbs implements AutoCloseable {
      *
      * @param scale finite, within the float32 range (checked by the caller)
      */
+    @Override
     public void backwardInto(Tensor value, double scale) {
         Unscoped.run(() -> backwardIntoUnscoped(value, scale));
     }
@@ -377,6 +382,7 @@ public final class FusedLogProbs implements AutoCloseable {
      *
      * @throws IllegalStateException when the logits changed since compute(), or in inference mode
      */
+    @Override
     public Tensor attach(Tensor value) {
         return Unscoped.call(() -> attachUnscoped(value));
     }
