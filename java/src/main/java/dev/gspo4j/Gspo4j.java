@@ -1,9 +1,10 @@
 package dev.gspo4j;
 
+import dev.gspo4j.internal.GradientPool;
 import dev.gspo4j.internal.Kernels;
 
 /**
- * Library-wide settings: the CPU kernels' thread pool.
+ * Library-wide settings: the CPU kernels' thread pool, and the pool of gradient memory.
  *
  * <p>The CPU kernels run on gspo4j's own pool, not on libtorch's (OpenMP) threads. Its default,
  * applied when the native library loads, is the smaller of {@link Runtime#availableProcessors()}
@@ -13,6 +14,14 @@ import dev.gspo4j.internal.Kernels;
  * than the process has. The system property {@code gspo4j.threads} (an integer in [1, 1024])
  * replaces that default; {@link #setThreads} changes the count at any time. Results are bitwise
  * identical for any count (per-row work, reductions in a fixed order).
+ *
+ * <p>Gradient memory: on the CPU the logits' [N, V] gradient is written into memory reused from
+ * earlier steps, since allocating and first touching fresh memory costs more than the fused
+ * backward itself. A block returns to the pool only when libtorch frees the last tensor that uses
+ * it (so a retained {@code .grad} is never reused under you); the idle blocks total at most {@link
+ * #gradientPoolLimit()} bytes (default 1 GiB, system property {@value #GRADIENT_POOL_PROPERTY}, 0
+ * disables the pool), the oldest freed first; {@link #releaseGradientPool()} frees them all. CUDA
+ * gradients use libtorch's caching allocator, which already reuses device memory.
  */
 public final class Gspo4j {
     /** The system property that replaces the default thread count. */
@@ -20,7 +29,34 @@ public final class Gspo4j {
     /** The largest thread count. */
     public static final int MAX_THREADS = Kernels.MAX_THREADS;
 
+    /** The system property that sets the gradient pool's idle-bytes limit (0 disables it). */
+    public static final String GRADIENT_POOL_PROPERTY = GradientPool.PROPERTY;
+
     private Gspo4j() {}
+
+    /** The most bytes of idle gradient memory the pool keeps between steps. */
+    public static long gradientPoolLimit() {
+        return GradientPool.limit();
+    }
+
+    /**
+     * Sets the gradient pool's idle-bytes limit and frees idle blocks beyond it at once.
+     *
+     * @param bytes {@code >= 0}; 0 disables the pool (every gradient is a fresh allocation)
+     */
+    public static void setGradientPoolLimit(long bytes) {
+        GradientPool.setLimit(bytes);
+    }
+
+    /** Frees every idle block of the gradient pool (for example at the end of training). */
+    public static void releaseGradientPool() {
+        GradientPool.release();
+    }
+
+    /** Bytes of idle gradient memory the pool holds now. */
+    public static long gradientPoolIdleBytes() {
+        return GradientPool.idleBytes();
+    }
 
     /** The CPU kernels' thread count now. */
     public static int threads() {

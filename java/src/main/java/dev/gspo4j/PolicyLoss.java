@@ -38,11 +38,13 @@ public final class PolicyLoss {
     private final String name;
     private final LossSettings settings;
     private final double temperature;
+    private final boolean inPlaceBackward;
 
-    private PolicyLoss(String name, LossSettings settings, double temperature) {
+    private PolicyLoss(String name, LossSettings settings, double temperature, boolean inPlaceBackward) {
         this.name = name;
         this.settings = settings;
         this.temperature = temperature;
+        this.inPlaceBackward = inPlaceBackward;
     }
 
     /** GSPO as in the paper: sequence ratio, clip 3e-4 / 4e-4, sequence mean, no KL. */
@@ -155,6 +157,7 @@ public final class PolicyLoss {
         private final String name;
         private LossSettings settings;
         private double temperature = 1.0;
+        private boolean inPlaceBackward;
         private double delta; // 0: not set through delta()
 
         private Builder(String name, LossSettings settings) {
@@ -307,12 +310,36 @@ public final class PolicyLoss {
             return this;
         }
 
+        /**
+         * Whether the backward writes the logits' gradient over the logits themselves (default
+         * false), as Liger's and quack's in-place options do: no [N, V] allocation and no first
+         * touch of fresh memory per step. After the backward the logits hold their gradient, not
+         * their values, and their version counter has been bumped, so anything autograd saved that
+         * still needs them (a second loss term on the same logits that saved them, a
+         * {@code retain_graph=true} second backward) fails with libtorch's "modified by an inplace
+         * operation" error or an {@link IllegalStateException} instead of reading the gradient.
+         *
+         * <p>Safe when nothing downstream of the backward reads the logits' values: the usual
+         * {@code logits = hidden.matmul(lmHead.t())} (or {@code linear}) saves its inputs, not its
+         * output, so its backward works from the overwritten buffer as from a fresh one. Read
+         * {@link LossResult#logProbs()} and the entropy, not the logits, after the backward. The
+         * logits must be produced by an op: a leaf tensor (or a view of a leaf that requires grad)
+         * is refused at {@code compute}, since its {@code .grad} would be its own memory, and so
+         * are logits whose rows overlap in memory (an expanded tensor). A view such as {@code
+         * logits[:, :-1, :]} works, but its slice backward allocates the base's gradient anyway;
+         * compute the lm_head on {@code hidden[:, :-1, :]} to save that too.
+         */
+        public Builder inPlaceBackward(boolean inPlace) {
+            this.inPlaceBackward = inPlace;
+            return this;
+        }
+
         public PolicyLoss build() {
             if (delta != 0 && delta < 1 + settings.epsHigh()) {
                 throw new IllegalArgumentException("delta = " + delta + " is below 1 + epsHigh = " + (1 + settings.epsHigh())
                         + ": TRL's two-sided clip equals dual clip only for delta >= 1 + epsHigh; raise delta or lower the clip");
             }
-            return new PolicyLoss(name, settings, temperature);
+            return new PolicyLoss(name, settings, temperature, inPlaceBackward);
         }
     }
 
@@ -343,6 +370,9 @@ public final class PolicyLoss {
         final LossSettings settings = input.normalizer == null ? this.settings : this.settings.withNormalizer(input.normalizer);
         try (PreparedInput in = PreparedInput.of(input, settings, temperature)) {
             final Tensor logits = input.logits;
+            if (inPlaceBackward && GradMode.is_enabled() && logits.requires_grad()) {
+                FusedLogProbs.checkInPlace(logits, in.view);
+            }
             final Device device = Tensors.device(logits);
             final Pointer stream = Tensors.stream(logits);
             final long[] tokenShape = in.tokenShape;
@@ -368,7 +398,8 @@ public final class PolicyLoss {
                 in.translate(() -> Kernels.reportDataErrors(device, stream));
                 lossMetrics = in.metrics(metrics);
                 if (GradMode.is_enabled() && logits.requires_grad()) {
-                    fused = new FusedLogProbs(logits, in.view, in.targets, temperature, lse, entropy, gradLogprob, gradEntropy);
+                    fused = new FusedLogProbs(logits, in.view, in.targets, temperature, lse, entropy, gradLogprob, gradEntropy,
+                            inPlaceBackward);
                 }
             } catch (RuntimeException e) {
                 if (lossMetrics != null) {
@@ -402,6 +433,7 @@ public final class PolicyLoss {
     /** The options in force, for logs. */
     @Override
     public String toString() {
-        return name + settings.toString().replace("LossSettings", "") + " temperature=" + temperature;
+        return name + settings.toString().replace("LossSettings", "") + " temperature=" + temperature
+                + (inPlaceBackward ? " inPlaceBackward" : "");
     }
 }
