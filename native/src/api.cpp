@@ -161,6 +161,28 @@ gspo4j_status gspo4j_cuda_check_error(void* stream) {
     GSPO4J_API_END()
 }
 
+gspo4j_status gspo4j_cuda_defer_error_check(void* stream, int64_t* ticket) {
+    GSPO4J_API_BEGIN()
+    Checker("gspo4j_cuda_defer_error_check").pointer(ticket, "ticket");
+    *ticket = 0;
+#ifdef GSPO4J_WITH_CUDA
+    *ticket = gspo4j::cuda::defer_error_check(stream);
+#else
+    (void)stream;
+#endif
+    GSPO4J_API_END()
+}
+
+gspo4j_status gspo4j_cuda_resolve_error_check(int64_t ticket) {
+    GSPO4J_API_BEGIN()
+#ifdef GSPO4J_WITH_CUDA
+    gspo4j::cuda::resolve_error_check(ticket);
+#else
+    Checker("gspo4j_cuda_resolve_error_check").require(ticket == 0, "ticket " + std::to_string(ticket) + " is unknown (built without CUDA)");
+#endif
+    GSPO4J_API_END()
+}
+
 gspo4j_status gspo4j_loss_config_init(gspo4j_loss_config* config) {
     GSPO4J_API_BEGIN()
     Checker("gspo4j_loss_config_init").pointer(config, "config");

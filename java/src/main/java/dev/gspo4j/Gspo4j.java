@@ -1,5 +1,6 @@
 package dev.gspo4j;
 
+import dev.gspo4j.internal.DeferredChecks;
 import dev.gspo4j.internal.GradientPool;
 import dev.gspo4j.internal.Kernels;
 
@@ -33,6 +34,33 @@ public final class Gspo4j {
     public static final String GRADIENT_POOL_PROPERTY = GradientPool.PROPERTY;
 
     private Gspo4j() {}
+
+    /** The system property that makes every CUDA call wait for its own data checks. */
+    public static final String SYNC_CHECKS_PROPERTY = DeferredChecks.STRICT_PROPERTY;
+
+    /**
+     * Whether every CUDA call waits for its kernels' data checks (strict mode; default false). The
+     * CUDA kernels check their data as they run: token ids in [0, V), packed offsets, NaN/Inf with
+     * checking on, and a float mask's 0/1 values. By default a call does not wait for that:
+     * {@code PolicyLoss.compute} and {@code TokenLogProbs} queue their kernels and a snapshot of
+     * what they found, and return with no host sync; the finding becomes the same exception the
+     * CPU path throws at the next gspo4j call on that device (its message then says it came from an
+     * earlier call) or at the first read of the result ({@code LossResult.lossValue()},
+     * {@code logProbs()}, {@code entropy()}, {@code metrics()}, {@code backward()}, and the
+     * gradient hook of {@code loss().backward()}), whichever comes first. That read waits for the
+     * snapshot only (the work queued before it), not for later work on the stream. With strict
+     * mode on, every CUDA call waits for its own kernels and throws at once, as on the CPU.
+     * {@code Advantages} always waits (its results are small and usually read at once). On the
+     * CPU every check happens before the call returns, whatever this setting.
+     */
+    public static boolean syncChecks() {
+        return DeferredChecks.strict();
+    }
+
+    /** Sets strict mode (see {@link #syncChecks()}); also the system property {@value #SYNC_CHECKS_PROPERTY}. */
+    public static void setSyncChecks(boolean sync) {
+        DeferredChecks.setStrict(sync);
+    }
 
     /** The most bytes of idle gradient memory the pool keeps between steps. */
     public static long gradientPoolLimit() {

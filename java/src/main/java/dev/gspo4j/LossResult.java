@@ -43,6 +43,8 @@ public final class LossResult implements AutoCloseable {
     private boolean released;
     private boolean directBackwardRan;
     private int runningBackwards;
+    // The CUDA device whose deferred data checks a read of this result reports first; -1: CPU.
+    private int cudaDevice = -1;
 
     LossResult(Tensor lossValue, Tensor logProbs, Tensor entropy, LossMetrics metrics, FusedLogProbs fused) {
         this.lossValue = lossValue;
@@ -50,6 +52,18 @@ public final class LossResult implements AutoCloseable {
         this.entropy = entropy;
         this.metrics = metrics;
         this.fused = fused;
+    }
+
+    LossResult onCudaDevice(int device) {
+        this.cudaDevice = device;
+        return this;
+    }
+
+    // CUDA: what the kernels of this call (and earlier ones on the device) found, reported before
+    // any of the result is handed out.
+    private void checked() {
+        ensureOpen();
+        CudaChecks.beforeRead(cudaDevice);
     }
 
     /**
@@ -81,13 +95,13 @@ public final class LossResult implements AutoCloseable {
 
     /** The loss value, detached (0-dim float32). */
     public Tensor lossValue() {
-        ensureOpen();
+        checked();
         return lossValue;
     }
 
     /** Per-token log-probs of the targets, detached, float32 {@code [B, T]} or {@code [N]}. */
     public Tensor logProbs() {
-        ensureOpen();
+        checked();
         return logProbs;
     }
 
@@ -96,12 +110,12 @@ public final class LossResult implements AutoCloseable {
      * entropy term the backward reads it: clone it before modifying it in place.
      */
     public Tensor entropy() {
-        ensureOpen();
+        checked();
         return entropy;
     }
 
     public LossMetrics metrics() {
-        ensureOpen();
+        checked();
         return metrics;
     }
 
@@ -130,6 +144,7 @@ public final class LossResult implements AutoCloseable {
      * @param scale finite and within the float32 range (the upstream gradient is a float32 scalar)
      */
     public void backward(double scale) {
+        checked();
         synchronized (this) {
             ensureOpen();
             if (fused == null) {

@@ -366,6 +366,8 @@ public final class PolicyLoss {
     }
 
     private LossResult computeUnscoped(LossInput input) {
+        final int cudaDevice = input.logits == null || input.logits.isNull() ? -1 : CudaChecks.deviceOf(input.logits);
+        CudaChecks.beforeCall(cudaDevice);
         // A normaliser given with the input overrides the loss's own for this call.
         final LossSettings settings = input.normalizer == null ? this.settings : this.settings.withNormalizer(input.normalizer);
         try (PreparedInput in = PreparedInput.of(input, settings, temperature)) {
@@ -393,9 +395,10 @@ public final class PolicyLoss {
                         Tensors.floats(in.oldLogProbs), Tensors.bytes(in.mask), Tensors.floats(in.advantages),
                         in.tokenAdvantages, Tensors.floats(in.refLogProbs), Tensors.floats(entropy), Tensors.floats(value),
                         Tensors.floats(gradLogprob), Tensors.floats(gradEntropy), Tensors.floats(metrics)));
-                // On a GPU the kernels check the data as they run (token ids, NaN/Inf): one wait
-                // here turns what they found into the exception the CPU path throws.
-                in.translate(() -> Kernels.reportDataErrors(device, stream));
+                // On a GPU the kernels check the data as they run (token ids, NaN/Inf): what they
+                // found becomes the exception the CPU path throws, at the next gspo4j call on the
+                // device or the first read of this result (now, in strict mode).
+                CudaChecks.afterKernels(cudaDevice, stream, in.errors, in.maskBad, in.maskMessage);
                 lossMetrics = in.metrics(metrics);
                 if (GradMode.is_enabled() && logits.requires_grad()) {
                     fused = new FusedLogProbs(logits, in.view, in.targets, temperature, lse, entropy, gradLogprob, gradEntropy,
@@ -416,7 +419,7 @@ public final class PolicyLoss {
                     gradEntropy.close();
                 }
             }
-            return new LossResult(value, logProbs, entropy, lossMetrics, fused);
+            return new LossResult(value, logProbs, entropy, lossMetrics, fused).onCudaDevice(cudaDevice);
         }
     }
 

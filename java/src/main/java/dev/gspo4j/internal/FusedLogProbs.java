@@ -576,6 +576,10 @@ public final class FusedLogProbs implements AutoCloseable {
     /** The gradient hook's body: the fused gradient scaled by the recorded upstream gradient. */
     private Tensor sendGradient() {
         try {
+            if (Tensors.isCuda(logits)) {
+                // What the CUDA kernels of compute() (and earlier calls) found, before a gradient from them.
+                DeferredChecks.resolve(DeferredChecks.deviceOf(logits), false);
+            }
             synchronized (this) {
                 if (closed) {
                     throw new IllegalStateException("this loss's graph was released after an earlier failure in its backward; "
