@@ -1,4 +1,4 @@
-// CUDA group advantages (SPEC.md "Advantages") and GAE ("PPO advantages"). Both are tiny next to
+// CUDA group advantages (docs/math.md "Advantages") and GAE ("Advantages", GAE). Both are tiny next to
 // the logits (one value per response or per token), so they favour plainness: a thread per
 // response computes its own group's statistics in fp64 by scanning the group's members in index
 // order, which needs no sort for arbitrary group ids and gives every member of a group the same

@@ -1,4 +1,4 @@
-// CUDA sequence log-ratio and policy loss (SPEC.md "Policy losses"): the same passes as
+// CUDA sequence log-ratio and policy loss (docs/math.md "Policy losses"): the same passes as
 // native/src/policy_loss.cpp, with the same per-response and per-token math (loss_math.h), each a
 // kernel on the caller's stream, with every reduction a
 // fixed-shape tree (one CTA per response, then one CTA over the responses) so the loss and the

@@ -1,4 +1,4 @@
-// CUDA token log-prob forward and backward (SPEC.md "Per-token log-probs").
+// CUDA token log-prob forward and backward (docs/math.md "Per-token log-probs").
 //
 // One CTA per logits row (or per slice of a row when there are too few rows to fill the GPU),
 // 16-byte loads and stores, everything accumulated in fp32 per thread and combined in fp64 in a

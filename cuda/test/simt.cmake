@@ -60,7 +60,7 @@ function(gspo4j_simt_variant variant)
   # The emulator's shim headers come first: they stand in for cuda_runtime.h and friends.
   target_include_directories(gspo4j_simt_${variant} PUBLIC "${SIMT_DIR}/emulator/include" "${SIMT_DIR}/emulator"
     "${GSPO4J_NATIVE}/include" "${GSPO4J_NATIVE}/src" "${GSPO4J_ROOT}/cuda")
-  target_compile_definitions(gspo4j_simt_${variant} PUBLIC GSPO4J_WITH_CUDA)
+  target_compile_definitions(gspo4j_simt_${variant} PUBLIC GSPO4J_WITH_CUDA "GSPO4J_VERSION_STRING=\"${GSPO4J_VERSION}\"")
   target_compile_options(gspo4j_simt_${variant} PUBLIC ${SIMT_FLAGS} ${flags})
   set_target_properties(gspo4j_simt_${variant} PROPERTIES EXCLUDE_FROM_ALL TRUE)
   set(SIMT_ISA_OBJECTS_${variant} ${isa_objects} PARENT_SCOPE)

@@ -546,7 +546,7 @@ std::vector<int64_t> random_targets(int64_t rows, int64_t vocab) {
     return t;
 }
 
-// A long double reference of one row (SPEC.md), from the logits as stored: s = z / tau - M,
+// A long double reference of one row (docs/math.md), from the logits as stored: s = z / tau - M,
 // S = sum e^s, lse = M + log S, lp = s_y - log S, H = log S - sum p s, and the gradient. `valid`
 // is false for a row with NaN, +Inf or no finite entry.
 struct RowReference {
@@ -979,7 +979,7 @@ void policy_loss_section() {
             if (selected("policy_loss kl " + describe(c, b, false, false), false)) policy_loss_case(c, b, false, false, true, true);
         }
     }
-    // The further objectives (SPEC.md "Further objectives"), each at the ratio levels it takes, with
+    // The further objectives (docs/math.md "Further objectives"), each at the ratio levels it takes, with
     // every KL estimator in turn, padded and packed, on and off policy.
     struct ObjectiveCase {
         int objective;
@@ -1429,7 +1429,7 @@ void across_split_boundary(int dtype) {
     for (const std::string& m : simt::take_misuses()) report.fail(what + ": emulator: " + m);
 }
 
-// A row's lp, lse and H are the same bits alone and inside a batch (SPEC.md "Invariances"):
+// A row's lp, lse and H are the same bits alone and inside a batch (docs/math.md "Invariances"):
 // padded, packed, and across the batch size at which an opted-in plan would split rows.
 void batch_invariance_section() {
     for (int dtype : {GSPO4J_FLOAT32, GSPO4J_BFLOAT16}) across_split_boundary(dtype);

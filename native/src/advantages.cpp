@@ -1,4 +1,4 @@
-// CPU group advantages (SPEC.md "Advantages") and GAE ("PPO advantages").
+// CPU group advantages (docs/math.md "Advantages") and GAE ("Advantages", GAE).
 #include <algorithm>
 #include <cmath>
 #include <numeric>

@@ -122,7 +122,7 @@ extern "C" {
 
 const char* gspo4j_last_error(void) { return gspo4j::last_error.c_str(); }
 
-const char* gspo4j_version(void) { return "0.1.0"; }
+const char* gspo4j_version(void) { return GSPO4J_VERSION_STRING; }
 
 int32_t gspo4j_cuda_device_count(void) {
 #ifdef GSPO4J_WITH_CUDA

@@ -124,7 +124,7 @@ struct LogitsView {
 
 inline int64_t dtype_size(int32_t dtype) { return dtype == GSPO4J_FLOAT32 ? 4 : 2; }
 
-// The token axis of SPEC.md: padded (offsets == nullptr) or packed.
+// The token axis of docs/math.md: padded (offsets == nullptr) or packed.
 struct TokenLayout {
     int64_t batch;
     int64_t seq;

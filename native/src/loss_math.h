@@ -1,4 +1,4 @@
-// The per-response and per-token math of the policy loss and of GAE (SPEC.md), written once for
+// The per-response and per-token math of the policy loss and of GAE (docs/math.md), written once for
 // the CPU code (policy_loss.cpp, advantages.cpp) and the CUDA kernels (cuda/policy_loss.cu,
 // cuda/advantages.cu): both devices run the same expressions in the same order, so they agree
 // bit for bit on each token's coefficients. Plain C++ when compiled by a C++ compiler,

@@ -1,4 +1,4 @@
-// CPU sequence log-ratio and policy loss (SPEC.md "Policy losses"). O(tokens) work: responses
+// CPU sequence log-ratio and policy loss (docs/math.md "Policy losses"). O(tokens) work: responses
 // in parallel, each writing its own tokens' coefficients and one row of partial sums, which
 // are then added in response order so the loss does not depend on the thread count.
 #include <algorithm>

@@ -1,7 +1,7 @@
 /*
  * gspo4j: the C contract between the kernels (CPU in native/, CUDA in cuda/) and every caller.
  *
- * Plain C ABI: raw pointers, 64-bit sizes, no libtorch or JNI types. The math is ../shared/SPEC.md.
+ * Plain C ABI: raw pointers, 64-bit sizes, no libtorch or JNI types. The math is docs/math.md.
  *
  * Conventions shared by every function:
  * - Every function returns a gspo4j_status. On anything but GSPO4J_OK, gspo4j_last_error()
@@ -40,10 +40,6 @@
 extern "C" {
 #endif
 
-#define GSPO4J_VERSION_MAJOR 0
-#define GSPO4J_VERSION_MINOR 1
-#define GSPO4J_VERSION_PATCH 0
-
 typedef enum gspo4j_status {
     GSPO4J_OK = 0,
     GSPO4J_ERROR_INVALID_ARGUMENT = 1, /* a pointer, size, stride or option is wrong */
@@ -65,14 +61,14 @@ typedef enum gspo4j_dtype {
     GSPO4J_FLOAT16 = 2
 } gspo4j_dtype;
 
-/* Which ratio the policy loss clips (SPEC.md, "Policy losses"). */
+/* Which ratio the policy loss clips (docs/math.md, "Policy losses"). */
 typedef enum gspo4j_ratio_level {
     GSPO4J_RATIO_TOKEN = 0,          /* GRPO / PPO: r = exp(lp - olp) per token */
     GSPO4J_RATIO_SEQUENCE = 1,       /* GSPO: s_b, one clip decision per response */
     GSPO4J_RATIO_SEQUENCE_TOKEN = 2  /* GSPO-token: sg(s_b) * exp(lp - sg(lp)) per token */
 } gspo4j_ratio_level;
 
-/* How a per-token quantity q is reduced to a scalar (SPEC.md, "Aggregation"). */
+/* How a per-token quantity q is reduced to a scalar (docs/math.md, "Aggregation"). */
 typedef enum gspo4j_aggregation {
     GSPO4J_SEQ_MEAN_TOKEN_MEAN = 0,     /* (1/B') sum_b (1/L_b) sum_t m q */
     GSPO4J_TOKEN_MEAN = 1,              /* sum m q / sum m */
@@ -97,7 +93,7 @@ typedef enum gspo4j_advantage_mode {
                                            Bessel-corrected (TRL's scale_rewards="batch") */
 } gspo4j_advantage_mode;
 
-/* The policy objective (SPEC.md "Further objectives"). x_t = clamp(lp - olp, -R, R), r_t = exp(x_t);
+/* The policy objective (docs/math.md "Further objectives"). x_t = clamp(lp - olp, -R, R), r_t = exp(x_t);
  * a per-token term q_t is aggregated with `aggregation`, a per-response term J_b is averaged over
  * the B' counted responses. */
 typedef enum gspo4j_objective {
@@ -166,6 +162,8 @@ typedef struct gspo4j_loss_config {
 
 /* Thread-local message of the last failed call on this thread ("" if none). */
 GSPO4J_API const char* gspo4j_last_error(void);
+/* The library's version, e.g. "0.1.0" (the Maven project's version; the Java layer requires its
+ * own). */
 GSPO4J_API const char* gspo4j_version(void);
 /* Number of CUDA devices usable by this build (0 when built without CUDA or no driver). */
 GSPO4J_API int32_t gspo4j_cuda_device_count(void);
@@ -192,7 +190,7 @@ GSPO4J_API gspo4j_status gspo4j_cuda_check_error(void* stream);
 GSPO4J_API gspo4j_status gspo4j_cuda_defer_error_check(void* stream, int64_t* ticket);
 GSPO4J_API gspo4j_status gspo4j_cuda_resolve_error_check(int64_t ticket);
 
-/* SPEC.md's paper defaults: GSPO, sequence mean, eps 3e-4 / 4e-4, R = 20, KL and entropy off,
+/* docs/math.md's paper defaults: GSPO, sequence mean, eps 3e-4 / 4e-4, R = 20, KL and entropy off,
  * checking on; the other objectives' parameters at their anchors' defaults (SAPO tau 1 / 1.05,
  * VESPO (k, lambda) = (2, 3) / (3, 2), DPPO delta 0.15 / 0.15 and C = 20). */
 GSPO4J_API gspo4j_status gspo4j_loss_config_init(gspo4j_loss_config* config);
@@ -281,7 +279,7 @@ GSPO4J_API gspo4j_status gspo4j_policy_loss(
  * count) or the responses sharing a value of group_ids (int64[count]; group_size ignored).
  * A group whose rewards are all equal gets exactly 0; a group of one gets 0 for MEAN_STD, MEAN and
  * MEAN_BATCH_STD and is an error for RLOO. eps: MEAN_STD's and MEAN_BATCH_STD's denominator guard
- * (SPEC default 1e-6). MEAN_BATCH_STD divides by the std of all `count` rewards of the call.
+ * (default 1e-6). MEAN_BATCH_STD divides by the std of all `count` rewards of the call.
  */
 GSPO4J_API gspo4j_status gspo4j_group_advantages(
     int32_t device, void* stream,

@@ -21,7 +21,11 @@ public enum AdvantageMode {
         this.code = code;
     }
 
-    /** The C header's {@code gspo4j_advantage_mode} value. */
+    /**
+     * The C header's value of this mode.
+     *
+     * @return the {@code gspo4j_advantage_mode} value
+     */
     public int code() {
         return code;
     }

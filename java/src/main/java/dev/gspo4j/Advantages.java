@@ -12,7 +12,10 @@ import org.bytedeco.pytorch.global.torch;
 import org.bytedeco.pytorch.global.torch.ScalarType;
 
 /**
- * Advantages from rewards (SPEC.md "Advantages", "PPO advantages"), by gspo4j's kernels. Inputs are
+ * Advantages from rewards (<a href="https://github.com/gspo4j/gspo4j/blob/main/docs/math.md#advantages">docs/math.md,
+ * "Advantages"</a>: group advantages and GAE), by gspo4j's kernels. Tensors may be on the CPU or
+ * on a CUDA device (the kernels run where the rewards are; every tensor of a call on one device).
+ * Inputs are
  * not modified; results are new float32 tensors on the rewards' device (or new arrays), owned by
  * the caller. Every intermediate is released before a method returns or throws. Stateless and
  * thread-safe.
@@ -22,7 +25,7 @@ import org.bytedeco.pytorch.global.torch.ScalarType;
  * magnitude may not fit, and such a call is an {@link IllegalArgumentException}, not an Inf.
  */
 public final class Advantages {
-    /** SPEC.md's default eps of MEAN_STD. */
+    /** The default eps of MEAN_STD's {@code (r - mean) / (std + eps)}. */
     public static final double DEFAULT_EPS = 1e-6;
 
     private Advantages() {}
@@ -30,22 +33,56 @@ public final class Advantages {
     /**
      * Group-relative advantages of outcome rewards {@code [B]}, groups being contiguous runs of
      * {@code groupSize} responses (the G samples of one prompt). All-equal groups get exactly 0.
+     * The eps of MEAN_STD is {@link #DEFAULT_EPS}.
+     *
+     * @param rewards {@code [B]}, any floating dtype (read as float32), CPU or CUDA; NaN or Inf is a
+     *     {@link NonFiniteDataException}
+     * @param groupSize the responses per group, G: at least 1 (at least 2 for RLOO), dividing B
+     * @param mode how each reward is compared with its group
+     * @return {@code [B]} float32 advantages on the rewards' device, owned by the caller
+     * @throws IllegalArgumentException when an argument is null, of the wrong shape or dtype, or
+     *     the advantages overflow float32
      */
     public static Tensor group(Tensor rewards, int groupSize, AdvantageMode mode) {
         return group(rewards, groupSize, mode, DEFAULT_EPS);
     }
 
+    /**
+     * {@link #group(Tensor, int, AdvantageMode)} with MEAN_STD's eps given.
+     *
+     * @param rewards {@code [B]}, any floating dtype (read as float32), CPU or CUDA
+     * @param groupSize the responses per group, G, dividing B
+     * @param mode how each reward is compared with its group
+     * @param eps MEAN_STD's {@code eps} in {@code (r - mean) / (std + eps)}: finite and {@code >= 0}
+     * @return {@code [B]} float32 advantages on the rewards' device, owned by the caller
+     */
     public static Tensor group(Tensor rewards, int groupSize, AdvantageMode mode, double eps) {
         return compute(rewards, groupSize, null, mode, eps);
     }
 
-    /** Group-relative advantages where {@code groupIds [B]} (integer) names each response's group. */
+    /**
+     * Group-relative advantages where {@code groupIds} names each response's group (the groups
+     * need not be contiguous or of one size).
+     *
+     * @param rewards {@code [B]}, any floating dtype (read as float32), CPU or CUDA
+     * @param groupIds {@code [B]}, any integer dtype, on the rewards' device: equal ids are one group
+     * @param mode how each reward is compared with its group
+     * @param eps MEAN_STD's {@code eps}: finite and {@code >= 0} ({@link #DEFAULT_EPS} is the default)
+     * @return {@code [B]} float32 advantages on the rewards' device, owned by the caller
+     */
     public static Tensor groupByIds(Tensor rewards, Tensor groupIds, AdvantageMode mode, double eps) {
         TensorArgs.requireOpen(groupIds, "groupIds");
         return compute(rewards, 0, groupIds, mode, eps);
     }
 
-    /** {@link #group(Tensor, int, AdvantageMode)} on a Java array. */
+    /**
+     * {@link #group(Tensor, int, AdvantageMode)} on a Java array (on the CPU).
+     *
+     * @param rewards the B rewards
+     * @param groupSize the responses per group, G, dividing B
+     * @param mode how each reward is compared with its group
+     * @return a new array of the B advantages
+     */
     public static float[] group(float[] rewards, int groupSize, AdvantageMode mode) {
         if (rewards == null) {
             throw new IllegalArgumentException("rewards must not be null");
@@ -149,7 +186,13 @@ public final class Advantages {
         }
     }
 
-    /** GAE's advantages and returns, float32, shaped like the rewards. */
+    /**
+     * GAE's advantages and returns, float32, shaped like the rewards ({@code [B, T]}) and on their
+     * device; {@link #close()} releases both.
+     *
+     * @param advantages {@code [B, T]} float32, 0 on masked tokens
+     * @param returns {@code [B, T]} float32, {@code advantages + values} on counted tokens, 0 on masked ones
+     */
     public record Gae(Tensor advantages, Tensor returns) implements AutoCloseable {
         @Override
         public void close() {
@@ -162,8 +205,13 @@ public final class Advantages {
      * Generalised advantage estimation over padded per-token rewards and values {@code [B, T]};
      * masked tokens are skipped (advantage and return 0).
      *
+     * @param rewards {@code [B, T]} per-token rewards, any floating dtype (read as float32), CPU or CUDA
+     * @param values {@code [B, T]} the value model's estimates, floating, on the rewards' device
      * @param mask {@code [B, T]} of 0/1 (bool, integer or floating; any other value, NaN included,
-     *     is an error, as for the loss's mask), or null
+     *     is an error, as for the loss's mask) on the rewards' device, or null (every token counts)
+     * @param gamma the discount, in [0, 1]
+     * @param lambda GAE's lambda, in [0, 1]
+     * @return the advantages and returns, owned by the caller (close it, or each tensor)
      */
     public static Gae gae(Tensor rewards, Tensor values, Tensor mask, double gamma, double lambda) {
         TensorArgs.requireReadable(rewards, "rewards");

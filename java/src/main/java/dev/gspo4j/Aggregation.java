@@ -20,7 +20,11 @@ public enum Aggregation {
         this.code = code;
     }
 
-    /** The C header's {@code gspo4j_aggregation} value. */
+    /**
+     * The C header's value of this aggregation.
+     *
+     * @return the {@code gspo4j_aggregation} value
+     */
     public int code() {
         return code;
     }

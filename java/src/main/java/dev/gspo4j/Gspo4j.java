@@ -3,9 +3,12 @@ package dev.gspo4j;
 import dev.gspo4j.internal.DeferredChecks;
 import dev.gspo4j.internal.GradientPool;
 import dev.gspo4j.internal.Kernels;
+import dev.gspo4j.internal.NativeLoader;
 
 /**
- * Library-wide settings: the CPU kernels' thread pool, and the pool of gradient memory.
+ * Library-wide settings and facts: the CPU kernels' thread pool, the pool of gradient memory, when
+ * CUDA data checks are read, and {@link #info()} (version, instruction set, CUDA runtime, devices,
+ * threads).
  *
  * <p>The CPU kernels run on gspo4j's own pool, not on libtorch's (OpenMP) threads. Its default,
  * applied when the native library loads, is the smaller of {@link Runtime#availableProcessors()}
@@ -52,17 +55,28 @@ public final class Gspo4j {
      * mode on, every CUDA call waits for its own kernels and throws at once, as on the CPU.
      * {@code Advantages} always waits (its results are small and usually read at once). On the
      * CPU every check happens before the call returns, whatever this setting.
+     *
+     * @return whether strict mode is on
      */
     public static boolean syncChecks() {
         return DeferredChecks.strict();
     }
 
-    /** Sets strict mode (see {@link #syncChecks()}); also the system property {@value #SYNC_CHECKS_PROPERTY}. */
+    /**
+     * Sets strict mode (see {@link #syncChecks()}); the system property {@value
+     * #SYNC_CHECKS_PROPERTY} sets it at start-up.
+     *
+     * @param sync whether every CUDA call waits for its own data checks
+     */
     public static void setSyncChecks(boolean sync) {
         DeferredChecks.setStrict(sync);
     }
 
-    /** The most bytes of idle gradient memory the pool keeps between steps. */
+    /**
+     * The most bytes of idle gradient memory the pool keeps between steps.
+     *
+     * @return the limit in bytes (0: the pool is off)
+     */
     public static long gradientPoolLimit() {
         return GradientPool.limit();
     }
@@ -81,12 +95,64 @@ public final class Gspo4j {
         GradientPool.release();
     }
 
-    /** Bytes of idle gradient memory the pool holds now. */
+    /**
+     * Bytes of idle gradient memory the pool holds now.
+     *
+     * @return the bytes of blocks returned and not yet reused
+     */
     public static long gradientPoolIdleBytes() {
         return GradientPool.idleBytes();
     }
 
     /** The CPU kernels' thread count now. */
+    /**
+     * What the loaded native library is and runs on.
+     *
+     * @param version gspo4j's version, the same for the classes and the native library (checked
+     *     when it loads)
+     * @param platform the natives' platform: {@code linux-x86_64} (CPU kernels) or {@code
+     *     linux-x86_64-gpu} (CPU and CUDA kernels)
+     * @param cpuIsa the instruction set the CPU kernels dispatched to on this processor: {@code
+     *     avx512}, {@code avx2} or {@code sse2}
+     * @param cudaRuntimeVersion the CUDA runtime the library was built with, {@code 1000 * major +
+     *     10 * minor} (13000 for 13.0), 0 when it has no CUDA kernels
+     * @param cudaDevices the CUDA devices it can use now (0 without CUDA kernels, a driver or a GPU)
+     * @param threads the CPU kernels' thread count now ({@link #threads()})
+     * @param nativeLibrary the file of the JNI library that was loaded
+     */
+    public record Info(String version, String platform, String cpuIsa, int cudaRuntimeVersion, int cudaDevices,
+            int threads, String nativeLibrary) {
+        /** One line: {@code gspo4j 0.1.0 linux-x86_64-gpu, CPU avx2, CUDA 13.0 (1 device), 8 threads}. */
+        @Override
+        public String toString() {
+            final String cuda = cudaRuntimeVersion == 0 ? "no CUDA kernels"
+                    : "CUDA " + cudaRuntimeVersion / 1000 + "." + cudaRuntimeVersion % 1000 / 10 + " (" + cudaDevices
+                            + (cudaDevices == 1 ? " device)" : " devices)");
+            return "gspo4j " + version + " " + platform + ", CPU " + cpuIsa + ", " + cuda + ", " + threads
+                    + (threads == 1 ? " thread" : " threads");
+        }
+    }
+
+    /**
+     * Loads the native library if needed and describes it.
+     *
+     * @return the version, platform, CPU instruction set, CUDA runtime and devices, and thread count
+     * @throws UnsatisfiedLinkError on a platform other than linux-x86_64, or when no natives jar
+     *     is on the class path (the message says which dependency to add)
+     * @throws LinkageError when the natives jar is of another version than the classes
+     */
+    public static Info info() {
+        final String path = NativeLoader.loadedPath();
+        final String platform = path.contains("linux-x86_64-gpu") ? "linux-x86_64-gpu" : "linux-x86_64";
+        return new Info(Kernels.version(), platform, Kernels.cpuIsa(), Kernels.cudaRuntimeVersion(),
+                Kernels.cudaDeviceCount(), Kernels.numThreads(), path);
+    }
+
+    /**
+     * The CPU kernels' thread count now.
+     *
+     * @return the count, in [1, {@value #MAX_THREADS}]
+     */
     public static int threads() {
         return Kernels.numThreads();
     }
@@ -105,6 +171,7 @@ public final class Gspo4j {
      * The default thread count as it would be computed now: {@code gspo4j.threads} when set, else
      * {@code min(Runtime.availableProcessors(), torch.get_num_threads())}.
      *
+     * @return the count, in [1, {@value #MAX_THREADS}]
      * @throws IllegalArgumentException when {@code gspo4j.threads} is set but not an integer in
      *     [1, {@value #MAX_THREADS}]
      */

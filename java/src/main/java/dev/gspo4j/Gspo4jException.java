@@ -12,11 +12,17 @@ public final class Gspo4jException extends RuntimeException {
 
     /** What kind of failure, mirroring {@code gspo4j_status} of the C header. */
     public enum Status {
+        /** A pointer, size, stride or option is wrong. */
         INVALID_ARGUMENT(1),
+        /** A token id outside {@code [0, V)} or a bad offset. */
         OUT_OF_RANGE(2),
+        /** NaN or Inf in the data. */
         NON_FINITE(3),
+        /** A call this build cannot serve (e.g. CUDA in a library built without it). */
         UNSUPPORTED(4),
+        /** A CUDA error. */
         CUDA(5),
+        /** A bug in gspo4j: please report it. */
         INTERNAL(6);
 
         private final int code;
@@ -25,7 +31,11 @@ public final class Gspo4jException extends RuntimeException {
             this.code = code;
         }
 
-        /** The C header's status code. */
+        /**
+         * The C header's status code.
+         *
+         * @return the {@code gspo4j_status} value
+         */
         public int code() {
             return code;
         }
@@ -40,13 +50,26 @@ public final class Gspo4jException extends RuntimeException {
         }
     }
 
+    /** The kind of failure. */
     private final Status status;
 
+    /**
+     * A failure of the native code.
+     *
+     * @param statusCode the {@code gspo4j_status} the native call returned (an unknown code is
+     *     {@link Status#INTERNAL})
+     * @param message the native message
+     */
     public Gspo4jException(int statusCode, String message) {
         super(message);
         this.status = Status.of(statusCode);
     }
 
+    /**
+     * What kind of failure it is.
+     *
+     * @return the status
+     */
     public Status status() {
         return status;
     }

@@ -25,7 +25,11 @@ public enum KlEstimator {
         this.code = code;
     }
 
-    /** The C header's {@code gspo4j_kl_estimator} value. */
+    /**
+     * The C header's value of this estimator.
+     *
+     * @return the {@code gspo4j_kl_estimator} value
+     */
     public int code() {
         return code;
     }

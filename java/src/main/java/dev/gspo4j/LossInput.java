@@ -4,7 +4,7 @@ import dev.gspo4j.internal.LossSettings;
 import org.bytedeco.pytorch.Tensor;
 
 /**
- * The tensors of one loss call. Padded layout: logits {@code [B, T, V]} and every per-token tensor
+ * The tensors of one loss call, all on one device: the CPU or one CUDA device (the logits'). Padded layout: logits {@code [B, T, V]} and every per-token tensor
  * {@code [B, T]}. Packed layout: logits {@code [N, V]}, per-token tensors {@code [N]}, and
  * {@link Builder#offsets} ({@code [B + 1]}) marking where each response starts.
  *
@@ -41,6 +41,11 @@ public final class LossInput {
         this.normalizer = b.normalizer;
     }
 
+    /**
+     * A new builder.
+     *
+     * @return an empty builder
+     */
     public static Builder builder() {
         return new Builder();
     }
@@ -60,7 +65,13 @@ public final class LossInput {
 
         private Builder() {}
 
-        /** {@code [B, T, V]} or packed {@code [N, V]}; float32, bfloat16 or float16; last dimension contiguous. */
+        /**
+         * The policy's logits, read in place.
+         *
+         * @param logits {@code [B, T, V]} or packed {@code [N, V]}; float32, bfloat16 or float16; last
+         *     dimension contiguous; on the CPU or a CUDA device (where the loss runs)
+         * @return this builder
+         */
         public Builder logits(Tensor logits) {
             TensorArgs.requireOpen(logits, "logits");
             this.logits = logits;
@@ -71,6 +82,9 @@ public final class LossInput {
          * Token ids {@code [B, T]} or {@code [N]}, int64 or int32, each in [0, V). Ids are checked at masked
          * positions too (the kernels read every row); labels such as Hugging Face's {@code -100} need
          * {@link #ignoreIndex}.
+         *
+         * @param targets {@code [B, T]} or {@code [N]}, int64 or int32, on the logits' device
+         * @return this builder
          */
         public Builder targets(Tensor targets) {
             TensorArgs.requireOpen(targets, "targets");
@@ -82,6 +96,10 @@ public final class LossInput {
          * Response mask {@code [B, T]} or {@code [N]} of 0/1 (bool, integer or floating; any other value, NaN
          * included, is an error); absent: every token counts. See {@link #ignoreIndex} for labels that mark
          * ignored positions.
+         *
+         * @param mask {@code [B, T]} or {@code [N]}, bool, integer or floating 0/1, on the logits'
+         *     device, or null
+         * @return this builder
          */
         public Builder mask(Tensor mask) {
             optionalOpen(mask, "mask");
@@ -89,21 +107,38 @@ public final class LossInput {
             return this;
         }
 
-        /** Old-policy log-probs {@code [B, T]} or {@code [N]}; absent: on-policy (ratio 1, gradient flowing). */
+        /**
+         * Old-policy log-probs; absent: on-policy (ratio 1, gradient flowing).
+         *
+         * @param oldLogProbs {@code [B, T]} or {@code [N]}, floating (read as float32), on the logits'
+         *     device, or null; NaN or Inf on a counted token is a {@link NonFiniteDataException}
+         * @return this builder
+         */
         public Builder oldLogProbs(Tensor oldLogProbs) {
             optionalOpen(oldLogProbs, "oldLogProbs");
             this.oldLogProbs = oldLogProbs;
             return this;
         }
 
-        /** Reference-policy log-probs for the KL term, {@code [B, T]} or {@code [N]}. */
+        /**
+         * Reference-policy log-probs for the KL term.
+         *
+         * @param refLogProbs {@code [B, T]} or {@code [N]}, floating (read as float32), on the logits'
+         *     device, or null (required when the loss has a KL coefficient)
+         * @return this builder
+         */
         public Builder refLogProbs(Tensor refLogProbs) {
             optionalOpen(refLogProbs, "refLogProbs");
             this.refLogProbs = refLogProbs;
             return this;
         }
 
-        /** One advantage per response, {@code [B]}. */
+        /**
+         * One advantage per response.
+         *
+         * @param advantages {@code [B]}, floating (read as float32), on the logits' device
+         * @return this builder
+         */
         public Builder advantages(Tensor advantages) {
             TensorArgs.requireOpen(advantages, "advantages");
             this.advantages = advantages;
@@ -111,7 +146,12 @@ public final class LossInput {
             return this;
         }
 
-        /** One advantage per token, {@code [B, T]} or {@code [N]} (GRPO, PPO, GSPO-token). */
+        /**
+         * One advantage per token (GRPO, PPO, GSPO-token and the token-level objectives).
+         *
+         * @param advantages {@code [B, T]} or {@code [N]}, floating (read as float32), on the logits' device
+         * @return this builder
+         */
         public Builder tokenAdvantages(Tensor advantages) {
             TensorArgs.requireOpen(advantages, "advantages");
             this.advantages = advantages;
@@ -119,7 +159,13 @@ public final class LossInput {
             return this;
         }
 
-        /** Packed layout: {@code [B + 1]} non-decreasing token offsets from 0 to N. */
+        /**
+         * The packed layout's response boundaries.
+         *
+         * @param offsets {@code [B + 1]} non-decreasing token offsets from 0 to N, integer (read as
+         *     int64), on the logits' device, or null (padded layout)
+         * @return this builder
+         */
         public Builder offsets(Tensor offsets) {
             optionalOpen(offsets, "offsets");
             this.offsets = offsets;
@@ -133,6 +179,9 @@ public final class LossInput {
          * (targets != index)}, or just {@code targets != index} without a mask. Such positions count
          * for nothing: no loss, no gradient, not in the token or response counts. Default: off,
          * where every id, masked or not, must be in [0, V). Costs two O(N) passes and an O(N) copy.
+         *
+         * @param index the label of ignored positions, e.g. -100
+         * @return this builder
          */
         public Builder ignoreIndex(long index) {
             this.ignoreIndex = index;
@@ -147,6 +196,7 @@ public final class LossInput {
          * means the local count for this call, whatever the loss's setting. Unset: the loss's.
          *
          * @param count 0 or in [1e-6, 1e18], the range of {@link PolicyLoss.Builder#normalizer}
+         * @return this builder
          */
         public Builder normalizer(double count) {
             LossSettings.requireNormalizer(count);
@@ -160,6 +210,12 @@ public final class LossInput {
             }
         }
 
+        /**
+         * The input; its shapes, dtypes and devices are checked by {@link PolicyLoss#compute}.
+         *
+         * @return the input
+         * @throws IllegalArgumentException when the logits, targets or advantages are missing
+         */
         public LossInput build() {
             if (logits == null) {
                 throw new IllegalArgumentException("logits are required");

@@ -11,7 +11,8 @@ import org.bytedeco.pytorch.global.torch;
 import org.bytedeco.pytorch.global.torch.ScalarType;
 
 /**
- * SPEC.md's metrics of one loss call. They stay in a float32 tensor on the logits' device until a
+ * The metrics of one loss call (<a href="https://github.com/gspo4j/gspo4j/blob/main/docs/math.md#metrics">docs/math.md,
+ * "Metrics"</a>). They stay in a float32 tensor on the logits' device until a
  * number is asked for: reading one copies the whole set once (a device sync on a GPU).
  * Clip fractions are per response for GSPO and LUSPO and per counted token otherwise; ratio
  * statistics are of the one ratio per response where the objective has one (GSPO, GSPO-token,
@@ -41,7 +42,28 @@ public final class LossMetrics implements AutoCloseable {
         this.knownTokens = knownTokens;
     }
 
-    /** The metrics as a float32 tensor {@code [13]} in {@link Metric} order, without a sync. */
+    /**
+     * The metrics as they are on the device, without a sync: a float32 tensor {@code [13]} on the
+     * logits' device (CPU or CUDA), owned by this object (clone it to keep it past {@link #close()}).
+     * Its slots, in this order (the C header's {@code gspo4j_metric}):
+     * <ol start="0">
+     * <li>{@link #policyLoss()}</li>
+     * <li>{@link #kl()}</li>
+     * <li>{@link #entropy()}</li>
+     * <li>{@link #clipFractionLow()}</li>
+     * <li>{@link #clipFractionHigh()}</li>
+     * <li>{@link #dualClipFraction()}</li>
+     * <li>{@link #ratioMean()}</li>
+     * <li>{@link #ratioMin()}</li>
+     * <li>{@link #ratioMax()}</li>
+     * <li>{@link #approxKl()}</li>
+     * <li>{@link #entropyMean()}</li>
+     * <li>{@link #sequences()}, as a float32 (inexact past 2^24)</li>
+     * <li>{@link #tokens()}, as a float32 (inexact past 2^24)</li>
+     * </ol>
+     *
+     * @return the {@code [13]} float32 tensor on the logits' device
+     */
     public Tensor tensor() {
         ensureOpen();
         return values;
@@ -66,27 +88,34 @@ public final class LossMetrics implements AutoCloseable {
         return host[metric.index()];
     }
 
-    /** The surrogate part of the loss. */
+    /** @return the surrogate part of the loss */
     public float policyLoss() { return get(Metric.POLICY_LOSS); }
-    /** The aggregated KL term before its coefficient (0 without KL). */
+    /** @return the aggregated KL term before its coefficient (0 without KL) */
     public float kl() { return get(Metric.KL); }
-    /** The aggregated entropy before its coefficient. */
+    /** @return the aggregated entropy before its coefficient */
     public float entropy() { return get(Metric.ENTROPY); }
-    /** Fraction clipped at 1 - eps_low with a negative advantage. */
+    /** @return the fraction clipped at 1 - eps_low with a negative advantage */
     public float clipFractionLow() { return get(Metric.CLIP_FRACTION_LOW); }
-    /** Fraction clipped at 1 + eps_high with a positive advantage. */
+    /** @return the fraction clipped at 1 + eps_high with a positive advantage */
     public float clipFractionHigh() { return get(Metric.CLIP_FRACTION_HIGH); }
-    /** Fraction held at c * A by the dual clip. */
+    /** @return the fraction held at c * A by the dual clip */
     public float dualClipFraction() { return get(Metric.DUAL_CLIP_FRACTION); }
+    /** @return the mean of the ratio (per response or per counted token, see above) */
     public float ratioMean() { return get(Metric.RATIO_MEAN); }
+    /** @return the smallest ratio */
     public float ratioMin() { return get(Metric.RATIO_MIN); }
+    /** @return the largest ratio */
     public float ratioMax() { return get(Metric.RATIO_MAX); }
-    /** Token mean of old log-prob minus log-prob. */
+    /** @return the token mean of old log-prob minus log-prob (the approximate KL) */
     public float approxKl() { return get(Metric.APPROX_KL); }
-    /** Token mean of the entropy. */
+    /** @return the token mean of the entropy over counted tokens */
     public float entropyMean() { return get(Metric.ENTROPY_MEAN); }
 
-    /** Responses with at least one counted token (exact). */
+    /**
+     * The responses with at least one counted token.
+     *
+     * @return the exact count
+     */
     public long sequences() {
         ensureOpen();
         if (sequences < 0) {
@@ -95,7 +124,11 @@ public final class LossMetrics implements AutoCloseable {
         return sequences;
     }
 
-    /** Counted tokens (exact). */
+    /**
+     * The counted tokens.
+     *
+     * @return the exact count
+     */
     public long tokens() {
         ensureOpen();
         if (tokens < 0) {
@@ -137,6 +170,8 @@ public final class LossMetrics implements AutoCloseable {
      * </table>
      * Fractions and ratio statistics are per response for GSPO (TRL's sequence-level importance
      * sampling logs them per response too) and per counted token otherwise.
+     *
+     * @return an unmodifiable, insertion-ordered map from the keys above to the values
      */
     public Map<String, Double> asMap() {
         readAll();

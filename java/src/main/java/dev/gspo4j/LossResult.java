@@ -73,6 +73,7 @@ public final class LossResult implements AutoCloseable {
      * on the first call, whatever the grad mode then (the loss was computed with grad); building it
      * reads nothing. Like any libtorch graph it takes one backward unless {@code retain_graph}.
      *
+     * @return the 0-dim float32 loss on the logits' device, owned by this result
      * @throws IllegalStateException when the logits' metadata changed since compute(), or in
      *     inference mode
      */
@@ -93,13 +94,22 @@ public final class LossResult implements AutoCloseable {
         return loss;
     }
 
-    /** The loss value, detached (0-dim float32). */
+    /**
+     * The loss value, detached.
+     *
+     * @return a 0-dim float32 tensor on the logits' device, owned by this result
+     */
     public Tensor lossValue() {
         checked();
         return lossValue;
     }
 
-    /** Per-token log-probs of the targets, detached, float32 {@code [B, T]} or {@code [N]}. */
+    /**
+     * Per-token log-probs of the targets, detached.
+     *
+     * @return float32 {@code [B, T]} (padded) or {@code [N]} (packed) on the logits' device, owned by
+     *     this result (clone it to keep it past {@link #close()})
+     */
     public Tensor logProbs() {
         checked();
         return logProbs;
@@ -108,18 +118,30 @@ public final class LossResult implements AutoCloseable {
     /**
      * Per-token entropy of the policy, detached, float32 {@code [B, T]} or {@code [N]}. With an
      * entropy term the backward reads it: clone it before modifying it in place.
+     *
+     * @return float32 {@code [B, T]} (padded) or {@code [N]} (packed) on the logits' device, owned by
+     *     this result
      */
     public Tensor entropy() {
         checked();
         return entropy;
     }
 
+    /**
+     * The call's metrics, read from the device only when a number is asked for.
+     *
+     * @return the metrics, owned by this result (closed with it)
+     */
     public LossMetrics metrics() {
         checked();
         return metrics;
     }
 
-    /** Whether the loss carries a gradient (grad was enabled and the logits require grad). */
+    /**
+     * Whether the loss carries a gradient.
+     *
+     * @return true when grad was enabled and the logits required grad at {@code compute}
+     */
     public boolean differentiable() {
         return fused != null;
     }

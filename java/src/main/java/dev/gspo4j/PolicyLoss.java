@@ -19,7 +19,7 @@ import org.bytedeco.pytorch.Tensor;
 import org.bytedeco.pytorch.global.torch.ScalarType;
 
 /**
- * A policy loss of SPEC.md (GSPO, GSPO-token, GRPO, PPO, DAPO, Dr. GRPO, CISPO, SAPO, GMPO, LUSPO,
+ * A policy loss of <a href="https://github.com/gspo4j/gspo4j/blob/main/docs/math.md#policy-losses">docs/math.md</a> (GSPO, GSPO-token, GRPO, PPO, DAPO, Dr. GRPO, CISPO, SAPO, GMPO, LUSPO,
  * VESPO, DPPO) over libtorch logits, computed by gspo4j's
  * fused kernels: the logits are read once in the forward, once in the backward, and the gradient
  * written once; no log-softmax is materialised.
@@ -47,27 +47,47 @@ public final class PolicyLoss {
         this.inPlaceBackward = inPlaceBackward;
     }
 
-    /** GSPO as in the paper: sequence ratio, clip 3e-4 / 4e-4, sequence mean, no KL. */
+    /**
+     * GSPO as in the paper: sequence ratio, clip 3e-4 / 4e-4, sequence mean, no KL.
+     *
+     * @return a builder with these defaults
+     */
     public static Builder gspo() {
         return new Builder("GSPO", LossSettings.gspo());
     }
 
-    /** GSPO-token: GSPO's sequence ratio with per-token advantages allowed; clip 3e-4 / 4e-4. */
+    /**
+     * GSPO-token: GSPO's sequence ratio with per-token advantages allowed; clip 3e-4 / 4e-4.
+     *
+     * @return a builder with these defaults
+     */
     public static Builder gspoToken() {
         return new Builder("GSPO-token", LossSettings.gspo().withRatioLevel(RatioLevel.SEQUENCE_TOKEN));
     }
 
-    /** GRPO: token ratio, clip 0.2 / 0.2, sequence-mean token-mean, no KL. */
+    /**
+     * GRPO: token ratio, clip 0.2 / 0.2, sequence-mean token-mean, no KL.
+     *
+     * @return a builder with these defaults
+     */
     public static Builder grpo() {
         return new Builder("GRPO", LossSettings.grpo());
     }
 
-    /** PPO: token ratio, clip 0.2 / 0.2, token mean; dual clip available through {@link Builder#dualClip}. */
+    /**
+     * PPO: token ratio, clip 0.2 / 0.2, token mean; dual clip available through {@link Builder#dualClip}.
+     *
+     * @return a builder with these defaults
+     */
     public static Builder ppo() {
         return new Builder("PPO", LossSettings.grpo().withAggregation(Aggregation.TOKEN_MEAN));
     }
 
-    /** DAPO's recipe: GRPO's token ratio with clip-higher 0.2 / 0.28 and the token mean. */
+    /**
+     * DAPO's recipe: GRPO's token ratio with clip-higher 0.2 / 0.28 and the token mean.
+     *
+     * @return a builder with these defaults
+     */
     public static Builder dapo() {
         return new Builder("DAPO", LossSettings.grpo().withClip(0.2, 0.28).withAggregation(Aggregation.TOKEN_MEAN));
     }
@@ -77,6 +97,8 @@ public final class PolicyLoss {
      * (every token sum divided by B x Lnorm, Lnorm = T by default: set the generation budget with
      * {@link Builder#lengthNorm}). Pair it with {@link AdvantageMode#MEAN} advantages (no division by
      * the group's std): that is the other half of Dr. GRPO.
+     *
+     * @return a builder with these defaults
      */
     public static Builder drGrpo() {
         return new Builder("Dr. GRPO", LossSettings.grpo().withAggregation(Aggregation.SEQ_MEAN_TOKEN_SUM_NORM));
@@ -88,6 +110,8 @@ public final class PolicyLoss {
      * 5 on the weight (TRL's {@code epsilon_high} is that cap itself: TRL's 5.0 is {@code clip(1, 4)}
      * here), token mean. Its loss value is a REINFORCE surrogate, not an objective value.
      * {@link Builder#sequenceRatio} uses s_b for r_t.
+     *
+     * @return a builder with these defaults
      */
     public static Builder cispo() {
         return new Builder("CISPO", objective(Objective.CISPO, RatioLevel.TOKEN).withClip(1, 4).withAggregation(Aggregation.TOKEN_MEAN));
@@ -95,8 +119,10 @@ public final class PolicyLoss {
 
     /**
      * SAPO (Qwen): the soft gate {@code q_t = (4 / tau) sigmoid(tau (r_t - 1)) A_t} in place of the
-     * clip, tau = 1 for A > 0 and 1.05 for A <= 0 ({@link Builder#sapoTemperatures}), sequence-mean
+     * clip, tau = 1 for {@code A > 0} and 1.05 for {@code A <= 0} ({@link Builder#sapoTemperatures}), sequence-mean
      * token-mean. {@link Builder#sequenceRatio} uses s_b for r_t (AReaL's sequence variant).
+     *
+     * @return a builder with these defaults
      */
     public static Builder sapo() {
         return new Builder("SAPO", objective(Objective.SAPO, RatioLevel.TOKEN));
@@ -106,6 +132,8 @@ public final class PolicyLoss {
      * GMPO (verl's {@code geo_mean}): {@code J_b = exp((1/L_b) sum_t l_t) A_b}, each token log-ratio
      * clipped in log space to [-0.4, 0.4] on the pessimistic side only ({@link Builder#clip} sets the
      * two bounds); one advantage per response; the mean over responses.
+     *
+     * @return a builder with these defaults
      */
     public static Builder gmpo() {
         return new Builder("GMPO", objective(Objective.GMPO, RatioLevel.SEQUENCE).withClip(0.4, 0.4));
@@ -114,6 +142,8 @@ public final class PolicyLoss {
     /**
      * LUSPO: GSPO with each response's term weighted by its length,
      * {@code J_b = L_b min(s_b A_b, clip(s_b) A_b)}; clip 2e-3 / 2.5e-3; the mean over responses.
+     *
+     * @return a builder with these defaults
      */
     public static Builder luspo() {
         return new Builder("LUSPO", objective(Objective.LUSPO, RatioLevel.SEQUENCE).withClip(2e-3, 2.5e-3));
@@ -122,7 +152,9 @@ public final class PolicyLoss {
     /**
      * VESPO: {@code q_t = sg[phi(W_b)] A lp_t} with the product ratio
      * {@code W_b = exp(clamp(sum_t (lp - olp), -R, R))} and {@code phi(W) = W^k exp(lambda (1 - W))},
-     * (k, lambda) = (2, 3) for A >= 0 and (3, 2) for A < 0 ({@link Builder#vespoShape}); token mean.
+     * (k, lambda) = (2, 3) for {@code A >= 0} and (3, 2) for {@code A < 0} ({@link Builder#vespoShape}); token mean.
+     *
+     * @return a builder with these defaults
      */
     public static Builder vespo() {
         return new Builder("VESPO", objective(Objective.VESPO, RatioLevel.TOKEN).withAggregation(Aggregation.TOKEN_MEAN));
@@ -130,9 +162,11 @@ public final class PolicyLoss {
 
     /**
      * DPPO-Binary-TV (verl's {@code dppo_tv}): {@code q_t = keep_t sg[min(r_t, C)] A_t lp_t}, a token
-     * kept when {@code p - p_old <= delta_high} (A > 0) or {@code p - p_old >= -delta_low} (A <= 0), p
+     * kept when {@code p - p_old <= delta_high} ({@code A > 0}) or {@code p - p_old >= -delta_low} ({@code A <= 0}), p
      * the sampled token's probability. Defaults delta 0.15 / 0.15 ({@link Builder#dppoDivergence}),
      * C = 20 ({@link Builder#dppoRatioCap}), token mean.
+     *
+     * @return a builder with these defaults
      */
     public static Builder dppoTv() {
         return new Builder("DPPO-TV", objective(Objective.DPPO_TV, RatioLevel.TOKEN).withAggregation(Aggregation.TOKEN_MEAN));
@@ -141,8 +175,10 @@ public final class PolicyLoss {
     /**
      * DPPO-Binary-KL (verl's {@code dppo_kl}): as {@link #dppoTv} with the one-sided binary KL
      * {@code p_old (olp - lp) + (1 - p_old) log((1 - p_old + 1e-8) / (1 - p + 1e-8))}: a token is kept
-     * when A > 0 and (KL <= delta_high or p <= p_old), or A <= 0 and (KL <= delta_low or p >= p_old).
+     * when {@code A > 0} and ({@code KL <= delta_high} or {@code p <= p_old}), or {@code A <= 0} and ({@code KL <= delta_low} or {@code p >= p_old}).
      * Defaults delta 0.05 / 0.05, C = 20, token mean.
+     *
+     * @return a builder with these defaults
      */
     public static Builder dppoKl() {
         return new Builder("DPPO-KL", objective(Objective.DPPO_KL, RatioLevel.TOKEN).withAggregation(Aggregation.TOKEN_MEAN));
@@ -165,15 +201,24 @@ public final class PolicyLoss {
             this.settings = settings;
         }
 
-        /** Clip range: ratios outside [1 - low, 1 + high] are clipped (asymmetric: DAPO's clip-higher). */
+        /**
+         * Clip range: ratios outside [1 - low, 1 + high] are clipped (asymmetric: DAPO's clip-higher).
+         *
+         * @param low eps_low, in [0, 1] (1: no lower bound)
+         * @param high eps_high, in [0, 1e6]
+         * @return this builder
+         */
         public Builder clip(double low, double high) {
             settings = settings.withClip(low, high);
             return this;
         }
 
         /**
-         * Dual clip c > 1 (0 disables): for A < 0 the objective is at least c * A. For the clipped
+         * Dual clip {@code c > 1} (0 disables): for {@code A < 0} the objective is at least c * A. For the clipped
          * objectives (GSPO, GSPO-token, GRPO, PPO, DAPO, Dr. GRPO, LUSPO).
+         *
+         * @param c the dual clip, in (1, 1e6], or 0 (off)
+         * @return this builder
          */
         public Builder dualClip(double c) {
             settings = settings.withDualClip(c);
@@ -185,6 +230,9 @@ public final class PolicyLoss {
          * TRL's and Liger's two-sided clip {@code delta}: {@code min(min(r, delta) A, clip(r) A)}. It
          * equals dual clip with c = delta whenever {@code delta >= 1 + eps_high}, so that is what it
          * sets; {@link #build} refuses a delta below {@code 1 + eps_high} (where the two differ).
+         *
+         * @param d TRL's delta, in (1, 1e6]
+         * @return this builder
          */
         public Builder delta(double d) {
             if (!(d > 1 && d <= LossSettings.MAX_DUAL_CLIP)) {
@@ -195,7 +243,12 @@ public final class PolicyLoss {
             return this;
         }
 
-        /** CISPO and SAPO: use the sequence ratio s_b for r_t (value s_b, gradient s_b dlp per token). */
+        /**
+         * CISPO and SAPO: use the sequence ratio s_b for r_t (value s_b, gradient s_b dlp per token).
+         *
+         * @param sequence true for the sequence ratio, false for the token ratio (the default)
+         * @return this builder
+         */
         public Builder sequenceRatio(boolean sequence) {
             final Objective objective = settings.objective().objective();
             if (objective != Objective.CISPO && objective != Objective.SAPO) {
@@ -205,14 +258,28 @@ public final class PolicyLoss {
             return this;
         }
 
-        /** SAPO's gate temperatures: tau for A > 0 and for A <= 0, each in (0, 1e4]. */
+        /**
+         * SAPO's gate temperatures: tau for {@code A > 0} and for {@code A <= 0}, each in (0, 1e4].
+         *
+         * @param positive tau where {@code A > 0} (default 1.0)
+         * @param negative tau where {@code A <= 0} (default 1.05)
+         * @return this builder
+         */
         public Builder sapoTemperatures(double positive, double negative) {
             requireObjective(Objective.SAPO, "sapoTemperatures");
             settings = settings.withObjectiveParams(settings.objective().withSapoTemperatures(positive, negative));
             return this;
         }
 
-        /** VESPO's phi(W) = W^k exp(lambda (1 - W)): (k, lambda) for A >= 0 and for A < 0, each in [0, 1e3]. */
+        /**
+         * VESPO's phi(W) = W^k exp(lambda (1 - W)): (k, lambda) for {@code A >= 0} and for {@code A < 0}, each in [0, 1e3].
+         *
+         * @param kPositive k where {@code A >= 0} (default 2)
+         * @param lambdaPositive lambda where {@code A >= 0} (default 3)
+         * @param kNegative k where {@code A < 0} (default 3)
+         * @param lambdaNegative lambda where {@code A < 0} (default 2)
+         * @return this builder
+         */
         public Builder vespoShape(double kPositive, double lambdaPositive, double kNegative, double lambdaNegative) {
             requireObjective(Objective.VESPO, "vespoShape");
             settings = settings.withObjectiveParams(settings.objective().withVespoShape(kPositive, lambdaPositive, kNegative,
@@ -220,14 +287,25 @@ public final class PolicyLoss {
             return this;
         }
 
-        /** DPPO's divergence bounds delta_low and delta_high (TV: of p - p_old; KL: of the binary KL), in [0, 1e6]. */
+        /**
+         * DPPO's divergence bounds delta_low and delta_high (TV: of p - p_old; KL: of the binary KL), in [0, 1e6].
+         *
+         * @param low delta_low
+         * @param high delta_high
+         * @return this builder
+         */
         public Builder dppoDivergence(double low, double high) {
             requireDppo("dppoDivergence");
             settings = settings.withObjectiveParams(settings.objective().withDppoDivergence(low, high));
             return this;
         }
 
-        /** DPPO's ratio cap C: a kept token's weight is sg[min(r, C)], C in (0, 1e38]. */
+        /**
+         * DPPO's ratio cap C: a kept token's weight is sg[min(r, C)], C in (0, 1e38].
+         *
+         * @param cap C (default 20)
+         * @return this builder
+         */
         public Builder dppoRatioCap(double cap) {
             requireDppo("dppoRatioCap");
             settings = settings.withObjectiveParams(settings.objective().withDppoRatioCap(cap));
@@ -247,6 +325,12 @@ public final class PolicyLoss {
             }
         }
 
+        /**
+         * How per-token terms become the scalar loss (docs/math.md, "Aggregation").
+         *
+         * @param aggregation the aggregation; each objective has its default
+         * @return this builder
+         */
         public Builder aggregation(Aggregation aggregation) {
             settings = settings.withAggregation(aggregation);
             return this;
@@ -256,19 +340,33 @@ public final class PolicyLoss {
          * A global count replacing the local denominator of the aggregation (responses B', tokens
          * sum m, or B for SEQ_MEAN_TOKEN_SUM_NORM): for data-parallel ranks and gradient accumulation
          * over micro-batches. 0 restores the local count.
+         *
+         * @param count 0 or in [1e-6, 1e18]
+         * @return this builder
          */
         public Builder normalizer(double count) {
             settings = settings.withNormalizer(count);
             return this;
         }
 
-        /** Lnorm of SEQ_MEAN_TOKEN_SUM_NORM; 0: T (padded) or the longest response (packed). */
+        /**
+         * Lnorm of SEQ_MEAN_TOKEN_SUM_NORM; 0: T (padded) or the longest response (packed).
+         *
+         * @param length 0, or Lnorm in [1e-6, 1e18]
+         * @return this builder
+         */
         public Builder lengthNorm(double length) {
             settings = settings.withLengthNorm(length);
             return this;
         }
 
-        /** KL to the reference policy with coefficient beta (needs {@link LossInput.Builder#refLogProbs}). */
+        /**
+         * KL to the reference policy with coefficient beta (needs {@link LossInput.Builder#refLogProbs}).
+         *
+         * @param beta the coefficient, in [-1e6, 1e6] (0: off)
+         * @param estimator the per-token estimator
+         * @return this builder
+         */
         public Builder kl(double beta, KlEstimator estimator) {
             if (estimator == null) {
                 throw new IllegalArgumentException("estimator must not be null");
@@ -277,7 +375,12 @@ public final class PolicyLoss {
             return this;
         }
 
-        /** Entropy bonus: the loss gets {@code - coefficient * aggregated entropy}. */
+        /**
+         * Entropy bonus: the loss gets {@code - coefficient * aggregated entropy}.
+         *
+         * @param coefficient c_H, in [-1e6, 1e6] (0: off)
+         * @return this builder
+         */
         public Builder entropyCoefficient(double coefficient) {
             settings = settings.withEntropyCoef(coefficient);
             return this;
@@ -286,6 +389,9 @@ public final class PolicyLoss {
         /**
          * Sampling temperature tau in [1e-4, 1e4]: every log-prob is of softmax(z / tau). (1 / tau is
          * a float32 factor on the logits: a tinier tau makes it infinite.)
+         *
+         * @param tau the temperature
+         * @return this builder
          */
         public Builder temperature(double tau) {
             if (!(tau >= 1e-4 && tau <= 1e4)) {
@@ -295,7 +401,12 @@ public final class PolicyLoss {
             return this;
         }
 
-        /** Log-ratios are clamped to [-R, R] before exp (default 20); the gradient is 0 outside. */
+        /**
+         * Log-ratios are clamped to [-R, R] before exp (default 20); the gradient is 0 outside.
+         *
+         * @param r R, in (0, 88]
+         * @return this builder
+         */
         public Builder logRatioClamp(double r) {
             settings = settings.withLogRatioClamp(r);
             return this;
@@ -304,6 +415,9 @@ public final class PolicyLoss {
         /**
          * Whether NaN or Inf in the logits or a counted input is an error (default true). Off saves
          * a few O(N) checks; a NaN then flows into the loss.
+         *
+         * @param check true to check (the default)
+         * @return this builder
          */
         public Builder checkFinite(boolean check) {
             settings = settings.withCheckFinite(check);
@@ -328,12 +442,21 @@ public final class PolicyLoss {
          * are logits whose rows overlap in memory (an expanded tensor). A view such as {@code
          * logits[:, :-1, :]} works, but its slice backward allocates the base's gradient anyway;
          * compute the lm_head on {@code hidden[:, :-1, :]} to save that too.
+         *
+         * @param inPlace whether the gradient overwrites the logits
+         * @return this builder
          */
         public Builder inPlaceBackward(boolean inPlace) {
             this.inPlaceBackward = inPlace;
             return this;
         }
 
+        /**
+         * The loss with these options.
+         *
+         * @return an immutable, thread-safe loss
+         * @throws IllegalArgumentException when {@link #delta} is below {@code 1 + eps_high}
+         */
         public PolicyLoss build() {
             if (delta != 0 && delta < 1 + settings.epsHigh()) {
                 throw new IllegalArgumentException("delta = " + delta + " is below 1 + epsHigh = " + (1 + settings.epsHigh())
@@ -351,6 +474,8 @@ public final class PolicyLoss {
      * <p>The result owns its tensors and graph state, not a JavaCPP {@code PointerScope} open
      * while this runs: it may be backwarded after that scope closed; close the result.
      *
+     * @param input the logits and per-token tensors (shapes, dtypes and devices: {@link LossInput.Builder})
+     * @return the result, owned by the caller (close it)
      * @throws IllegalArgumentException for a wrong shape, dtype, device or layout, a token id outside
      *     [0, V), or options the inputs do not satisfy
      * @throws NonFiniteDataException (an IllegalArgumentException) for NaN/Inf in the logits or a

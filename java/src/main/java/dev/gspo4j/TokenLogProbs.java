@@ -37,7 +37,15 @@ public final class TokenLogProbs implements AutoCloseable {
         this.entropy = entropy;
     }
 
-    /** Log-probs at temperature 1. */
+    /**
+     * Log-probs at temperature 1.
+     *
+     * @param logits {@code [B, T, V]} (padded) or {@code [N, V]} (packed), float32, bfloat16 or
+     *     float16, on the CPU or a CUDA device; read in place when the last dimension is contiguous
+     * @param targets {@code [B, T]} or {@code [N]}, int64 (or another integer dtype), ids in
+     *     {@code [0, V)}, on the logits' device
+     * @return float32 log-probs of the targets' shape on the logits' device, owned by the caller
+     */
     public static Tensor compute(Tensor logits, Tensor targets) {
         return compute(logits, targets, 1.0);
     }
@@ -45,23 +53,37 @@ public final class TokenLogProbs implements AutoCloseable {
     /**
      * Log-probs of softmax(logits / temperature) at the targets.
      *
+     * @param logits {@code [B, T, V]} (padded) or {@code [N, V]} (packed), float32, bfloat16 or
+     *     float16, on the CPU or a CUDA device; read in place when the last dimension is contiguous
+     * @param targets {@code [B, T]} or {@code [N]}, int64 (or another integer dtype), ids in
+     *     {@code [0, V)}, on the logits' device
      * @param temperature in [1e-4, 1e4], as {@link PolicyLoss.Builder#temperature}
+     * @return float32 log-probs of the targets' shape on the logits' device, owned by the caller
      */
     public static Tensor compute(Tensor logits, Tensor targets, double temperature) {
         return run(logits, targets, temperature, false).logProbs;
     }
 
-    /** Log-probs and the per-token entropy of softmax(logits / temperature), in one read of the logits. */
+    /**
+     * Log-probs and the per-token entropy of softmax(logits / temperature), in one read of the logits.
+     *
+     * @param logits {@code [B, T, V]} (padded) or {@code [N, V]} (packed), float32, bfloat16 or
+     *     float16, on the CPU or a CUDA device; read in place when the last dimension is contiguous
+     * @param targets {@code [B, T]} or {@code [N]}, int64 (or another integer dtype), ids in
+     *     {@code [0, V)}, on the logits' device
+     * @param temperature in [1e-4, 1e4], as {@link PolicyLoss.Builder#temperature}
+     * @return both, owned by the caller (close it)
+     */
     public static TokenLogProbs computeWithEntropy(Tensor logits, Tensor targets, double temperature) {
         return run(logits, targets, temperature, true);
     }
 
-    /** float32, the targets' shape. */
+    /** @return the log-probs: float32, the targets' shape, on the logits' device */
     public Tensor logProbs() {
         return logProbs;
     }
 
-    /** float32, the targets' shape. */
+    /** @return the entropy: float32, the targets' shape, on the logits' device */
     public Tensor entropy() {
         return entropy;
     }

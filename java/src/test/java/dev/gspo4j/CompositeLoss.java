@@ -12,7 +12,7 @@ import org.bytedeco.pytorch.global.torch.ScalarType;
 
 /**
  * The plain libtorch composite a Java user would write: log_softmax + gather for the log-probs,
- * the SPEC.md formulas in tensor ops, differentiated by libtorch's autograd. Padded layout only
+ * the docs/math.md formulas in tensor ops, differentiated by libtorch's autograd. Padded layout only
  * ([B, T, V] logits, [B, T] per-token tensors); the packed layout is checked against the padded one.
  */
 public final class CompositeLoss {
@@ -40,7 +40,7 @@ public final class CompositeLoss {
     }
 
     /**
-     * As above, with every stop-gradient factor (sg[.] of SPEC.md, and the on-policy olp = sg(lp))
+     * As above, with every stop-gradient factor (sg[.] of docs/math.md, and the on-policy olp = sg(lp))
      * evaluated at {@code frozenLogits} instead of {@code logits} (null: at {@code logits}). Central
      * differences in {@code logits} with the factors frozen at the base point then check the
      * autograd gradient of objectives whose value is not their gradient's integral (CISPO, VESPO,

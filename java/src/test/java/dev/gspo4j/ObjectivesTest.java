@@ -21,7 +21,7 @@ import org.junit.jupiter.params.provider.Arguments;
 import org.junit.jupiter.params.provider.MethodSource;
 
 /**
- * The further objectives of SPEC.md (CISPO, SAPO, GMPO, LUSPO, VESPO, DPPO, the DAPO and Dr. GRPO
+ * The further objectives of docs/math.md (CISPO, SAPO, GMPO, LUSPO, VESPO, DPPO, the DAPO and Dr. GRPO
  * presets, delta) and the KL estimators K3_PLUS, K3_UNBIASED and ABS: fused value and gradient
  * against the float64 composite (itself checked by central differences here), in every dtype, on
  * and off policy, with moderate and extreme ratios, padded and packed, and empty responses.

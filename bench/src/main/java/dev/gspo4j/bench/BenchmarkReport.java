@@ -157,7 +157,7 @@ public final class BenchmarkReport {
         return String.format(Locale.ROOT, "# CPU benchmarks, %s%n%nMachine: %s, %d cores, Java %s. Commit: %s. "
                 + "JMH single-shot, 1 warm-up + 3 measured invocations, 1 fork; mean ± 99.9%% error. "
                 + "Fused GB/s counts the logits passes of the op (1 forward, 3 with backward). Composite: log_softmax + gather + "
-                + "the SPEC formulas in libtorch, autograd; bf16 logits upcast to float32 first. Peak extra memory: peak RSS of a "
+                + "the formulas of docs/math.md in libtorch, autograd; bf16 logits upcast to float32 first. Peak extra memory: peak RSS of a "
                 + "fresh JVM over its RSS once the logits exist.%n%n", LocalDate.now(), cpu, Runtime.getRuntime().availableProcessors(),
                 System.getProperty("java.version"), commit());
     }

@@ -20,7 +20,7 @@ import org.openjdk.jmh.annotations.Warmup;
 
 /**
  * Whole GSPO and GRPO losses, forward + backward into the logits: gspo4j ({@code result.backward()})
- * beside the libtorch composite (log_softmax + gather + the SPEC formulas, autograd; bf16 logits
+ * beside the libtorch composite (log_softmax + gather + the formulas of docs/math.md, autograd; bf16 logits
  * upcast to float32 first). Both allocate
  * the [N, V] gradient each time, as a training step does.
  */

@@ -10,16 +10,23 @@ import org.bytedeco.javacpp.annotation.Cast;
 import org.bytedeco.javacpp.annotation.Const;
 import org.bytedeco.javacpp.annotation.Name;
 import org.bytedeco.javacpp.annotation.Platform;
+import org.bytedeco.javacpp.annotation.Properties;
 
 /**
  * The JavaCPP mapping of {@code native/include/gspo4j/gspo4j.h}, one method per C function and
  * nothing else. Callers go through {@link Kernels}, which checks arguments first and turns a
  * status into an exception.
+ *
+ * <p>Two flavours of the same natives: {@code linux-x86_64} (CPU kernels) and, found first when its
+ * jar is on the class path, {@code linux-x86_64-gpu} (CPU and CUDA kernels), as the presets name
+ * theirs. {@link NativeLoader} loads them and checks the platform and the version.
  */
-@Platform(include = "gspo4j/gspo4j.h", link = "gspo4j")
+@Properties({
+    @Platform(include = "gspo4j/gspo4j.h", link = "gspo4j"),
+    @Platform(include = "gspo4j/gspo4j.h", link = "gspo4j", extension = "-gpu")})
 final class Gspo4jLibrary {
     static {
-        Loader.load();
+        NativeLoader.load();
         // The pool's default (Kernels.defaultThreads), before any kernel can start its workers.
         // (Not while JavaCPP's builder reads this class: it loads no library.)
         if (Loader.isLoadLibraries()) {
@@ -32,10 +39,14 @@ final class Gspo4jLibrary {
 
     private Gspo4jLibrary() {}
 
+    /** Initialises this class, which loads and checks the native library (NativeLoader). */
+    static void ensureLoaded() {}
+
     /** {@code gspo4j_loss_config}. */
     @Name("gspo4j_loss_config")
     static final class LossConfig extends Pointer {
         static {
+            ensureLoaded();
             Loader.load();
         }
 

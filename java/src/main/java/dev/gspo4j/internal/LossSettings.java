@@ -4,7 +4,7 @@ import dev.gspo4j.Aggregation;
 import dev.gspo4j.KlEstimator;
 
 /**
- * Every option of the policy loss (SPEC.md "Policy losses"), checked on construction. The loss
+ * Every option of the policy loss (docs/math.md, "Policy losses"), checked on construction. The loss
  * modules build one; {@link #gspo()} holds the GSPO paper's defaults.
  *
  * @param ratioLevel which ratio is clipped
@@ -13,7 +13,7 @@ import dev.gspo4j.KlEstimator;
  * @param checkFinite whether NaN/Inf in a counted input is an error
  * @param epsLow lower clip: ratios below {@code 1 - epsLow} are clipped, in [0, 1] (1: no lower bound, CISPO's default)
  * @param epsHigh upper clip: ratios above {@code 1 + epsHigh} are clipped, in [0, 1e6]
- * @param dualClip 0 (off) or c in (1, 1e6]: for A < 0 the objective is at least {@code c * A}
+ * @param dualClip 0 (off) or c in (1, 1e6]: for {@code A < 0} the objective is at least {@code c * A}
  * @param logRatioClamp R in (0, 88]: log-ratios are clamped to [-R, R] before exp
  * @param normalizer 0 (local count) or a global count in [1e-6, 1e18] replacing the denominator of the aggregation
  * @param lengthNorm Lnorm of SEQ_MEAN_TOKEN_SUM_NORM, 0 for the default, else in [1e-6, 1e18]

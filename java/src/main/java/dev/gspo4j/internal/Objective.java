@@ -1,6 +1,6 @@
 package dev.gspo4j.internal;
 
-/** The policy objective: the C header's {@code gspo4j_objective} (SPEC.md "Further objectives"). */
+/** The policy objective: the C header's {@code gspo4j_objective} (docs/math.md "Further objectives"). */
 public enum Objective {
     /** {@code min(ratio A, clip(ratio) A)}: GSPO, GSPO-token, GRPO, PPO, by the ratio level. */
     CLIP(0, "the clipped surrogate"),

@@ -2,7 +2,7 @@ package dev.gspo4j.internal;
 
 /**
  * Which objective the policy loss computes and the parameters of the objectives that have their own
- * (SPEC.md "Further objectives"); the clip range, R and the aggregation stay in {@link LossSettings}.
+ * (docs/math.md "Further objectives"); the clip range, R and the aggregation stay in {@link LossSettings}.
  *
  * @param objective the objective
  * @param sapoTauPos SAPO's temperature for A > 0, in (0, 1e4]

@@ -11,7 +11,7 @@ import org.junit.jupiter.params.ParameterizedTest;
 import org.junit.jupiter.params.provider.EnumSource;
 
 /**
- * SPEC.md "Invariances": a token's lp, lse and H are bitwise identical whatever else is in the call.
+ * docs/math.md "Invariances": a token's lp, lse and H are bitwise identical whatever else is in the call.
  * The same rows are computed alone, inside a large padded batch (other rows around them, padding
  * after them, a chunk boundary of the thread pool through them) and packed back to back, with one
  * thread and with several, and must agree to the bit.

@@ -8,7 +8,7 @@ import org.junit.jupiter.api.Test;
 
 /**
  * Each further objective on one response of two tokens, against its anchor's formula written out
- * by hand (TRL's grpo_trainer and verl's core_algos, as read; SPEC.md "Further objectives"):
+ * by hand (TRL's grpo_trainer and verl's core_algos, as read; docs/math.md "Further objectives"):
  * lp = (-1, -2), olp = (-1.2, -1.5), so the token log-ratios are 0.2 and -0.5.
  */
 public class ObjectiveAnchorsTest {

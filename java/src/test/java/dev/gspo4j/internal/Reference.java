@@ -10,7 +10,7 @@ import java.util.Map;
 import java.util.ArrayList;
 
 /**
- * Plain double-precision references for every kernel, written straight from SPEC.md. The loss
+ * Plain double-precision references for every kernel, written straight from docs/math.md. The loss
  * reference computes values only; its gradients are central finite differences of that value, so
  * a sign or branch error in the kernels' analytic gradients cannot be repeated here.
  */
