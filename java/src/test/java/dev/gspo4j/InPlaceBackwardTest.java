@@ -242,6 +242,8 @@ class InPlaceBackwardTest {
     @Test
     void thePoolReusesMemoryOnlyAfterLibtorchFreedIt() {
         final long limit = GradientPool.limit();
+        // Other tests of this JVM may still hold pooled gradients (a leaf's .grad): count ours only.
+        final int inUseBefore = GradientPool.inUse();
         try (Model m = new Model(17)) {
             GradientPool.setLimit(1L << 30);
             final PolicyLoss loss = PolicyLoss.gspo().build();
@@ -295,7 +297,8 @@ class InPlaceBackwardTest {
                 }
                 assertTrue(GradientPool.counters()[0] >= reusedBefore + 2, "steady state reuses blocks");
             }
-            assertEquals(0, GradientPool.inUse(), "every block came back");
+            assertTrue(GradientPool.inUse() <= inUseBefore, "every block came back: " + GradientPool.inUse() + " in use, "
+                    + inUseBefore + " before");
             GradientPool.release();
             assertEquals(0, GradientPool.idleBytes());
         } finally {
@@ -307,6 +310,7 @@ class InPlaceBackwardTest {
     void thePoolKeepsAtMostItsLimitIdle() {
         final long limit = GradientPool.limit();
         final long block = (long) B * T * V * 4;
+        final int inUseBefore = GradientPool.inUse();
         try (Model m = new Model(19)) {
             GradientPool.release();
             GradientPool.setLimit(block + block / 2); // room for one idle block, not two
@@ -320,14 +324,15 @@ class InPlaceBackwardTest {
                         r.backward();
                     }
                 }
-                assertEquals(2, GradientPool.inUse());
+                assertEquals(inUseBefore + 2, GradientPool.inUse(), "the two kept gradients");
                 for (Tensor t : new Tensor[] {a, c}) {
                     try (Tensor g = t.mutable_grad()) {
                         g.reset();
                     }
                 }
-                assertEquals(block, GradientPool.idleBytes(), "one block kept, the other freed");
-                assertEquals(0, GradientPool.inUse());
+                // Other tests' gradients freed by a GC meanwhile may come back too: the bound is what holds.
+                assertTrue(GradientPool.idleBytes() <= block + block / 2, "idle within the limit: " + GradientPool.idleBytes());
+                assertTrue(GradientPool.inUse() <= inUseBefore, "both came back");
             }
             assertThrows(IllegalArgumentException.class, () -> Gspo4j.setGradientPoolLimit(-1));
         } finally {
