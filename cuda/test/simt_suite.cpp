@@ -970,7 +970,7 @@ void policy_loss_section() {
     }
     // Every KL estimator with each ratio level; no responses; all empty; checking off with NaN.
     for (int level : {GSPO4J_RATIO_TOKEN, GSPO4J_RATIO_SEQUENCE, GSPO4J_RATIO_SEQUENCE_TOKEN}) {
-        for (int kl = GSPO4J_KL_K1; kl <= GSPO4J_KL_ABS; ++kl) {
+        for (int kl = GSPO4J_KL_K1; kl <= GSPO4J_KL_LOW_VAR; ++kl) {
             gspo4j_loss_config c = loss_config(level, GSPO4J_TOKEN_MEAN, 1);
             c.kl_estimator = kl;
             c.kl_coef = 0.1;

@@ -82,7 +82,8 @@ typedef enum gspo4j_kl_estimator {
     GSPO4J_KL_K3 = 2, /* exp(d) - d - 1 */
     GSPO4J_KL_K3_PLUS = 3,     /* the value of k3, the gradient of k2 (verl "k3+") */
     GSPO4J_KL_K3_UNBIASED = 4, /* r_t * k3 with r_t = exp(lp - olp), differentiated through both */
-    GSPO4J_KL_ABS = 5          /* |d| */
+    GSPO4J_KL_ABS = 5,         /* |d| */
+    GSPO4J_KL_LOW_VAR = 6      /* k3 clamped to [-10, 10], no gradient where clamped (verl's low_var_kl) */
 } gspo4j_kl_estimator;
 
 typedef enum gspo4j_advantage_mode {
