@@ -1,6 +1,8 @@
 // The CUDA side of the error funnel and the small runtime pieces every op shares.
 #include <mutex>
 #include <string>
+#include <unordered_map>
+#include <vector>
 
 #include "common.cuh"
 #include "cuda_ops.h"
@@ -146,23 +148,72 @@ int device_count() {
 
 int runtime_version() { return CUDART_VERSION; }
 
-void check_error(void* stream_pointer) {
-    const cudaStream_t stream = as_stream(stream_pointer);
+namespace {
+
+// Makes `device` current for the scope (the stream's device, or the current one for -1).
+struct DeviceScope {
+    int previous, device;
+    explicit DeviceScope(int wanted) : previous(current_device()), device(wanted < 0 ? previous : wanted) {
+        if (previous != device) check_cuda(cudaSetDevice(device), "cudaSetDevice");
+    }
+    ~DeviceScope() {
+        if (previous != device) cudaSetDevice(previous);
+    }
+};
+
+int stream_device(cudaStream_t stream) {
     int device = -1;
     if (stream != nullptr) check_cuda(cudaStreamGetDevice(stream, &device), "cudaStreamGetDevice");
-    int previous = current_device();
-    if (device < 0) device = previous;
-    struct Restore {
-        int previous, device;
-        ~Restore() { if (previous != device) cudaSetDevice(previous); }
-    } restore{previous, device};
-    if (previous != device) check_cuda(cudaSetDevice(device), "cudaSetDevice");
+    return device;
+}
+
+// Raises the first error of a snapshot of the record: the lowest-numbered kind at its index.
+void raise_first(const unsigned long long seen[kKinds]) {
+    for (int kind = 0; kind < kKinds; ++kind) {
+        if (seen[kind] == kNone) continue;
+        const KindInfo& info = kKindInfo[kind];
+        fail(info.status, std::string("a CUDA kernel found ") + info.prefix + std::to_string(seen[kind]) + info.suffix);
+    }
+}
+
+// A deferred check: the record's snapshot lands in pinned memory behind `event` on the stream.
+struct Snapshot {
+    int device;
+    cudaEvent_t event;
+    unsigned long long* host;  // kKinds slots, pinned
+};
+
+std::mutex deferred_mutex;
+std::unordered_map<int64_t, Snapshot> deferred;  // by ticket
+std::vector<Snapshot> spare;                     // resolved snapshots, reused (event and memory)
+int64_t next_ticket = 1;
+
+// Frees the snapshots' pinned memory and events at exit (a CUDA runtime already unloading answers
+// with an error, ignored: the process is ending anyway).
+struct FreeSnapshotsAtExit {
+    ~FreeSnapshotsAtExit() {
+        std::lock_guard<std::mutex> lock(deferred_mutex);
+        for (auto& entry : deferred) spare.push_back(entry.second);
+        deferred.clear();
+        for (const Snapshot& s : spare) {
+            cudaEventDestroy(s.event);
+            cudaFreeHost(s.host);
+        }
+        spare.clear();
+    }
+} free_snapshots_at_exit;
+
+}  // namespace
+
+void check_error(void* stream_pointer) {
+    const cudaStream_t stream = as_stream(stream_pointer);
+    const DeviceScope scope(stream_device(stream));
     // An asynchronous fault of an earlier kernel surfaces here too.
     check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
     ErrorRecord record = nullptr;
     {
         std::lock_guard<std::mutex> lock(record_mutex);
-        if (device < kMaxDevices) record = records[device];
+        if (scope.device < kMaxDevices) record = records[scope.device];
     }
     if (record == nullptr) return;  // no kernel of this library ran on this device yet
     unsigned long long seen[kKinds];
@@ -170,15 +221,81 @@ void check_error(void* stream_pointer) {
     check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
     for (int kind = 0; kind < kKinds; ++kind) {
         if (seen[kind] == kNone) continue;
-        unsigned long long cleared[kKinds];
-        for (unsigned long long& slot : cleared) slot = kNone;
-        check_cuda(cudaMemcpyAsync(record, cleared, sizeof cleared, cudaMemcpyHostToDevice, stream),
-                   "cudaMemcpyAsync (clear error record)");
-        // `cleared` lives on this stack frame: wait until the copy has read it.
-        check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
-        const KindInfo& info = kKindInfo[kind];
-        fail(info.status, std::string("a CUDA kernel found ") + info.prefix + std::to_string(seen[kind]) + info.suffix);
+        check_cuda(cudaMemsetAsync(record, 0xff, sizeof seen, stream), "cudaMemsetAsync (clear error record)");
+        raise_first(seen);
     }
+}
+
+int64_t defer_error_check(void* stream_pointer) {
+    const cudaStream_t stream = as_stream(stream_pointer);
+    const DeviceScope scope(stream_device(stream));
+    ErrorRecord record = nullptr;
+    {
+        std::lock_guard<std::mutex> lock(record_mutex);
+        if (scope.device < kMaxDevices) record = records[scope.device];
+    }
+    if (record == nullptr) return 0;  // no kernel of this library ran on this device: nothing to check
+    Snapshot snapshot{scope.device, nullptr, nullptr};
+    {
+        std::lock_guard<std::mutex> lock(deferred_mutex);
+        for (size_t i = 0; i < spare.size(); ++i) {
+            if (spare[i].device == scope.device) {
+                snapshot = spare[i];
+                spare.erase(spare.begin() + static_cast<std::ptrdiff_t>(i));
+                break;
+            }
+        }
+    }
+    if (snapshot.event == nullptr) {
+        void* host = nullptr;
+        check_cuda(cudaMallocHost(&host, kKinds * sizeof(unsigned long long)), "cudaMallocHost (error snapshot)");
+        const cudaError_t created = cudaEventCreateWithFlags(&snapshot.event, cudaEventDisableTiming);
+        if (created != cudaSuccess) cudaFreeHost(host);
+        check_cuda(created, "cudaEventCreateWithFlags (error snapshot)");
+        snapshot.host = static_cast<unsigned long long*>(host);
+    }
+    // In stream order: what the call's kernels recorded is copied out, then the record is cleared
+    // for the next call, then the event marks the copy as done. The host does not wait.
+    cudaError_t status = cudaMemcpyAsync(snapshot.host, record, kKinds * sizeof(unsigned long long), cudaMemcpyDeviceToHost, stream);
+    if (status == cudaSuccess) status = cudaMemsetAsync(record, 0xff, kKinds * sizeof(unsigned long long), stream);
+    if (status == cudaSuccess) status = cudaEventRecord(snapshot.event, stream);
+    std::lock_guard<std::mutex> lock(deferred_mutex);
+    if (status != cudaSuccess) {
+        spare.push_back(snapshot);
+        check_cuda(status, "queueing the error snapshot");
+    }
+    const int64_t ticket = next_ticket++;
+    deferred.emplace(ticket, snapshot);
+    return ticket;
+}
+
+void resolve_error_check(int64_t ticket) {
+    if (ticket == 0) return;
+    Snapshot snapshot;
+    {
+        std::lock_guard<std::mutex> lock(deferred_mutex);
+        const auto found = deferred.find(ticket);
+        if (found == deferred.end()) {
+            fail(GSPO4J_ERROR_INVALID_ARGUMENT, "error check ticket " + std::to_string(ticket) + " is unknown or was resolved already");
+        }
+        snapshot = found->second;
+        deferred.erase(found);
+    }
+    // The ticket is spent whatever happens: the snapshot goes back to the spares.
+    struct Spare {
+        Snapshot s;
+        ~Spare() {
+            std::lock_guard<std::mutex> lock(deferred_mutex);
+            spare.push_back(s);
+        }
+    } give_back{snapshot};
+    const DeviceScope scope(snapshot.device);
+    // Waits for the work queued before the snapshot only, not for the stream's later work; an
+    // asynchronous fault of that work surfaces here.
+    check_cuda(cudaEventSynchronize(snapshot.event), "cudaEventSynchronize (error snapshot)");
+    unsigned long long seen[kKinds];
+    for (int kind = 0; kind < kKinds; ++kind) seen[kind] = snapshot.host[kind];
+    raise_first(seen);
 }
 
 }  // namespace cuda

@@ -313,10 +313,21 @@ void compare(const std::string& what, const std::function<Result(int device)>& c
     for (size_t i = 0; i < cpu.outputs.size(); ++i) compare_values(what, cuda.outputs[i], cpu.outputs[i], tolerances(cpu.outputs[i].name));
 }
 
-// The status of a CUDA call is the entry point's, or else what its kernels recorded.
+// The status of a CUDA call is the entry point's, or else what its kernels recorded: read by the
+// waiting check and by the deferred one (a ticket resolved at once) on alternate calls, so every
+// case checks that both report the same.
 Result finish(int device, int status) {
+    static int calls = 0;
     Result r;
-    if (status == GSPO4J_OK && device == kCuda) status = gspo4j_cuda_check_error(nullptr);
+    if (status == GSPO4J_OK && device == kCuda) {
+        if (++calls % 2 == 0) {
+            status = gspo4j_cuda_check_error(nullptr);
+        } else {
+            int64_t ticket = -1;
+            status = gspo4j_cuda_defer_error_check(nullptr, &ticket);
+            if (status == GSPO4J_OK) status = gspo4j_cuda_resolve_error_check(ticket);
+        }
+    }
     r.status = status;
     r.message = status == GSPO4J_OK ? "" : gspo4j_last_error();
     return r;
@@ -959,7 +970,7 @@ void policy_loss_section() {
     }
     // Every KL estimator with each ratio level; no responses; all empty; checking off with NaN.
     for (int level : {GSPO4J_RATIO_TOKEN, GSPO4J_RATIO_SEQUENCE, GSPO4J_RATIO_SEQUENCE_TOKEN}) {
-        for (int kl = GSPO4J_KL_K1; kl <= GSPO4J_KL_ABS; ++kl) {
+        for (int kl = GSPO4J_KL_K1; kl <= GSPO4J_KL_LOW_VAR; ++kl) {
             gspo4j_loss_config c = loss_config(level, GSPO4J_TOKEN_MEAN, 1);
             c.kl_estimator = kl;
             c.kl_coef = 0.1;
@@ -1308,6 +1319,41 @@ void errors_section() {
         const std::string message = gspo4j_last_error();
         report.expect(status == GSPO4J_ERROR_NON_FINITE && message.find("probability 0") != std::string::npos,
                       "-Inf logprob: policy loss status " + std::to_string(status) + ", \"" + message + "\"");
+    }
+    // Deferred checks: a ticket holds what the calls before it found, and only that; the record is
+    // clear for the next call; a ticket is spent once; 0 (nothing ran) resolves clean.
+    if (selected("error deferred tickets", false)) {
+        const int64_t vocab = 1000;
+        const std::vector<int64_t> bad = {0, vocab, 1}, good = {0, 1, 2};
+        const LogitsCase c{GSPO4J_FLOAT32, 1, 3, vocab, "contiguous", 0, Fill::kNormal, 1.0, true, true};
+        const Logits l = logits_for(c, good);
+        const Buffer logits(l.bytes.data(), l.bytes.size(), true);
+        const Buffer tb = input(bad, true), tg = input(good, true);
+        Buffer lp = output<float>(3, true), lse = output<double>(3, true);
+        int64_t first = -1, second = -1, none = -1;
+        int status = gspo4j_token_logprob_forward(kCuda, nullptr, logits.as<void>(), GSPO4J_FLOAT32, 1, 3, vocab, 3 * vocab, vocab,
+                                                  tb.as<int64_t>(), 1.0, 1, lp.as<float>(), lse.as<double>(), nullptr);
+        report.expect(status == GSPO4J_OK && gspo4j_cuda_defer_error_check(nullptr, &first) == GSPO4J_OK && first > 0,
+                      "error deferred tickets: the bad call queues and defers without an error");
+        status = gspo4j_token_logprob_forward(kCuda, nullptr, logits.as<void>(), GSPO4J_FLOAT32, 1, 3, vocab, 3 * vocab, vocab,
+                                              tg.as<int64_t>(), 1.0, 1, lp.as<float>(), lse.as<double>(), nullptr);
+        report.expect(status == GSPO4J_OK && gspo4j_cuda_defer_error_check(nullptr, &second) == GSPO4J_OK && second > first,
+                      "error deferred tickets: a good call after it defers too");
+        // Resolved out of order: the good call's ticket is clean, the bad one's names the token.
+        report.expect(gspo4j_cuda_resolve_error_check(second) == GSPO4J_OK, "error deferred tickets: the good call's ticket is clean");
+        status = gspo4j_cuda_resolve_error_check(first);
+        std::string message = status == GSPO4J_OK ? "" : gspo4j_last_error();
+        report.expect(status == GSPO4J_ERROR_OUT_OF_RANGE && message.find("targets[1]") != std::string::npos,
+                      "error deferred tickets: the bad call's ticket reports targets[1]: status " + std::to_string(status) + ", \"" + message + "\"");
+        status = gspo4j_cuda_resolve_error_check(first);
+        message = status == GSPO4J_OK ? "" : gspo4j_last_error();
+        report.expect(status == GSPO4J_ERROR_INVALID_ARGUMENT && message.find("unknown or was resolved already") != std::string::npos,
+                      "error deferred tickets: a spent ticket is refused: \"" + message + "\"");
+        report.expect(gspo4j_cuda_check_error(nullptr) == GSPO4J_OK, "error deferred tickets: the record is clear afterwards");
+        report.expect(gspo4j_cuda_defer_error_check(nullptr, &none) == GSPO4J_OK && gspo4j_cuda_resolve_error_check(none) == GSPO4J_OK &&
+                          gspo4j_cuda_resolve_error_check(0) == GSPO4J_OK,
+                      "error deferred tickets: a clean ticket and ticket 0 resolve clean");
+        for (const std::string& m : simt::take_misuses()) report.fail("error deferred tickets: emulator: " + m);
     }
     // A host pointer passed as device memory: the pointer check names it.
     const std::vector<float> host(8, 1.0f);

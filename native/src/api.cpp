@@ -161,6 +161,28 @@ gspo4j_status gspo4j_cuda_check_error(void* stream) {
     GSPO4J_API_END()
 }
 
+gspo4j_status gspo4j_cuda_defer_error_check(void* stream, int64_t* ticket) {
+    GSPO4J_API_BEGIN()
+    Checker("gspo4j_cuda_defer_error_check").pointer(ticket, "ticket");
+    *ticket = 0;
+#ifdef GSPO4J_WITH_CUDA
+    *ticket = gspo4j::cuda::defer_error_check(stream);
+#else
+    (void)stream;
+#endif
+    GSPO4J_API_END()
+}
+
+gspo4j_status gspo4j_cuda_resolve_error_check(int64_t ticket) {
+    GSPO4J_API_BEGIN()
+#ifdef GSPO4J_WITH_CUDA
+    gspo4j::cuda::resolve_error_check(ticket);
+#else
+    Checker("gspo4j_cuda_resolve_error_check").require(ticket == 0, "ticket " + std::to_string(ticket) + " is unknown (built without CUDA)");
+#endif
+    GSPO4J_API_END()
+}
+
 gspo4j_status gspo4j_loss_config_init(gspo4j_loss_config* config) {
     GSPO4J_API_BEGIN()
     Checker("gspo4j_loss_config_init").pointer(config, "config");
@@ -262,8 +284,8 @@ gspo4j_status gspo4j_policy_loss(int32_t device, void* stream, const gspo4j_loss
                   "config.ratio_level must be 0 (token), 1 (sequence) or 2 (sequence-token), got " + std::to_string(c.ratio_level));
     check.require(c.aggregation >= GSPO4J_SEQ_MEAN_TOKEN_MEAN && c.aggregation <= GSPO4J_SEQ_MEAN_TOKEN_SUM_NORM,
                   "config.aggregation must be in [0, 3], got " + std::to_string(c.aggregation));
-    check.require(c.kl_estimator >= GSPO4J_KL_K1 && c.kl_estimator <= GSPO4J_KL_ABS,
-                  "config.kl_estimator must be 0 (k1), 1 (k2), 2 (k3), 3 (k3+), 4 (unbiased k3) or 5 (abs), got " +
+    check.require(c.kl_estimator >= GSPO4J_KL_K1 && c.kl_estimator <= GSPO4J_KL_LOW_VAR,
+                  "config.kl_estimator must be 0 (k1), 1 (k2), 2 (k3), 3 (k3+), 4 (unbiased k3), 5 (abs) or 6 (low-var k3), got " +
                       std::to_string(c.kl_estimator));
     check.require(c.objective >= GSPO4J_OBJECTIVE_CLIP && c.objective <= GSPO4J_OBJECTIVE_DPPO_KL,
                   "config.objective must be in [0, 7], got " + std::to_string(c.objective));

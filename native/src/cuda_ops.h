@@ -22,6 +22,15 @@ int runtime_version();
 // (the lowest-numbered kind, at its lowest index), then clears the record.
 void check_error(void* stream);
 
+// Queues, on `stream`, a snapshot of the error record (what the kernels queued before it found)
+// and clears the record, without waiting; returns a ticket for resolve_error_check (0: no kernel
+// of this library ran on the device, nothing to check).
+int64_t defer_error_check(void* stream);
+
+// Waits for the snapshot of `ticket` (the work queued before it, not the stream's later work) and
+// raises the first data error it holds, as check_error does. The ticket is spent either way.
+void resolve_error_check(int64_t ticket);
+
 void token_logprob_forward(void* stream, const LogitsView& logits, const int64_t* targets, double temperature,
                            bool check_finite, float* logprob, double* lse, float* entropy);
 

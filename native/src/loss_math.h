@@ -116,6 +116,12 @@ GSPO4J_HOST_DEVICE inline Term kl_term(int32_t estimator, const Clip& clip, doub
             t.value = d < 0.0 ? -d : d;
             t.gradient = d > 0.0 ? -1.0 : d < 0.0 ? 1.0 : 0.0;
             break;
+        case GSPO4J_KL_LOW_VAR: {  // verl's low_var_kl: k3, its value clamped to [-10, 10] (k3 >= 0: at 10)
+            const double k3 = exp_of(d) - d - 1.0;
+            t.value = min_of(max_of(k3, -10.0), 10.0);
+            t.gradient = k3 <= 10.0 ? 1.0 - exp_of(d) : 0.0;
+            break;
+        }
         case GSPO4J_KL_K3_UNBIASED: {  // r * k3, through both factors
             bool ratio_inside = true;
             const double r = clip.ratio(lp - olp, &ratio_inside);

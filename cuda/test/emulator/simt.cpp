@@ -840,6 +840,42 @@ cudaError_t cudaFree(void* pointer) {
 }
 
 cudaError_t cudaMallocAsync(void** pointer, size_t bytes, cudaStream_t) { return cudaMalloc(pointer, bytes); }
+
+// Pinned host memory is plain host memory (the suite's ASan build sees every overrun); an event is
+// a small heap object, complete as soon as it is recorded (launches and copies run to completion).
+struct CUevent_st {
+    bool recorded = false;
+};
+
+cudaError_t cudaMallocHost(void** pointer, size_t bytes) {
+    *pointer = std::malloc(bytes == 0 ? 1 : bytes);
+    return *pointer ? cudaSuccess : cudaErrorMemoryAllocation;
+}
+
+cudaError_t cudaFreeHost(void* pointer) {
+    std::free(pointer);
+    return cudaSuccess;
+}
+
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned int) {
+    *event = new CUevent_st();
+    return cudaSuccess;
+}
+
+cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t) {
+    if (event == nullptr) return cudaErrorInvalidValue;
+    event->recorded = true;
+    return cudaSuccess;
+}
+
+cudaError_t cudaEventSynchronize(cudaEvent_t event) { return event == nullptr ? cudaErrorInvalidValue : cudaSuccess; }
+
+cudaError_t cudaEventQuery(cudaEvent_t event) { return event == nullptr ? cudaErrorInvalidValue : cudaSuccess; }
+
+cudaError_t cudaEventDestroy(cudaEvent_t event) {
+    delete event;
+    return cudaSuccess;
+}
 cudaError_t cudaFreeAsync(void* pointer, cudaStream_t) { return cudaFree(pointer); }
 
 cudaError_t cudaMemset(void* pointer, int value, size_t bytes) {

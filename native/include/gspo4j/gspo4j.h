@@ -82,7 +82,8 @@ typedef enum gspo4j_kl_estimator {
     GSPO4J_KL_K3 = 2, /* exp(d) - d - 1 */
     GSPO4J_KL_K3_PLUS = 3,     /* the value of k3, the gradient of k2 (verl "k3+") */
     GSPO4J_KL_K3_UNBIASED = 4, /* r_t * k3 with r_t = exp(lp - olp), differentiated through both */
-    GSPO4J_KL_ABS = 5          /* |d| */
+    GSPO4J_KL_ABS = 5,         /* |d| */
+    GSPO4J_KL_LOW_VAR = 6      /* k3 clamped to [-10, 10], no gradient where clamped (verl's low_var_kl) */
 } gspo4j_kl_estimator;
 
 typedef enum gspo4j_advantage_mode {
@@ -181,6 +182,14 @@ GSPO4J_API const char* gspo4j_cpu_isa(void);
  * earlier asynchronous CUDA calls recorded, then clears them. The record is per device: an error
  * of a call on another stream of the same device is reported (once) too. */
 GSPO4J_API gspo4j_status gspo4j_cuda_check_error(void* stream);
+/* The same check without a wait: queues on `stream` a copy of the record (what the calls queued
+ * before it found) into pinned host memory, clears the record, and returns at once with a ticket
+ * in *ticket (0 when no kernel of this library ran on the device yet: nothing to check).
+ * gspo4j_cuda_resolve_error_check(ticket) later waits for that copy only (an event, not the
+ * stream's later work) and reports its first error as gspo4j_cuda_check_error would. Every ticket
+ * must be resolved once; resolving spends it, with or without an error. Resolving 0 is OK. */
+GSPO4J_API gspo4j_status gspo4j_cuda_defer_error_check(void* stream, int64_t* ticket);
+GSPO4J_API gspo4j_status gspo4j_cuda_resolve_error_check(int64_t ticket);
 
 /* docs/math.md's paper defaults: GSPO, sequence mean, eps 3e-4 / 4e-4, R = 20, KL and entropy off,
  * checking on; the other objectives' parameters at their anchors' defaults (SAPO tau 1 / 1.05,

@@ -117,6 +117,7 @@ public final class Advantages {
 
     private static Tensor compute(Tensor rewards, long groupSize, Tensor groupIds, AdvantageMode mode, double eps) {
         TensorArgs.requireReadable(rewards, "rewards");
+        CudaChecks.beforeCall(CudaChecks.deviceOf(rewards));
         requireMode(mode);
         if (rewards.dim() != 1 || !torch.isFloatingType(rewards.scalar_type())) {
             throw new IllegalArgumentException("rewards must be a floating-point [B] tensor, got " + PreparedInput.typeName(rewards)
@@ -214,6 +215,7 @@ public final class Advantages {
      */
     public static Gae gae(Tensor rewards, Tensor values, Tensor mask, double gamma, double lambda) {
         TensorArgs.requireReadable(rewards, "rewards");
+        CudaChecks.beforeCall(CudaChecks.deviceOf(rewards));
         TensorArgs.requireReadable(values, "values");
         if (mask != null) {
             TensorArgs.requireReadable(mask, "mask");

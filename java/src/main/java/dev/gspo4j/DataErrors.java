@@ -45,6 +45,7 @@ final class DataErrors {
     private long tokens;
     private double temperature = 1;
     private Tensor groupIds;
+    private boolean retained; // a retain() copy: owns its tensor references
 
     /**
      * @param seq T of the padded layout, 0 for the packed one
@@ -92,10 +93,58 @@ final class DataErrors {
         try {
             call.run();
         } catch (Gspo4jException e) {
-            switch (e.status()) {
-                case NON_FINITE -> throw new NonFiniteDataException(message(e.getMessage()), e);
-                case INVALID_ARGUMENT, OUT_OF_RANGE -> throw new IllegalArgumentException(message(e.getMessage()), e);
-                default -> throw e;
+            throw translate(e, "");
+        }
+    }
+
+    /** A kernel's finding in the caller's terms, with {@code suffix} after the message. */
+    RuntimeException translate(Gspo4jException e, String suffix) {
+        return switch (e.status()) {
+            case NON_FINITE -> new NonFiniteDataException(message(e.getMessage()) + suffix, e);
+            case INVALID_ARGUMENT, OUT_OF_RANGE -> new IllegalArgumentException(message(e.getMessage()) + suffix, e);
+            default -> e;
+        };
+    }
+
+    /**
+     * A copy that holds its own references to the tensors its messages read, for a check read
+     * after the call's own copies are gone; {@link #close()} releases them.
+     */
+    DataErrors retain() {
+        final DataErrors copy = new DataErrors(seq, finiteHint);
+        for (Map.Entry<String, Name> e : names.entrySet()) {
+            final Name n = e.getValue();
+            copy.names.put(e.getKey(), new Name(n.javaName, ref(n.tensor), n.axis));
+        }
+        copy.vocab = vocab;
+        copy.targets = ref(targets);
+        copy.mask = ref(mask);
+        copy.offsets = ref(offsets);
+        copy.tokens = tokens;
+        copy.temperature = temperature;
+        copy.groupIds = ref(groupIds);
+        copy.retained = true;
+        return copy;
+    }
+
+    private static Tensor ref(Tensor t) {
+        return t == null ? null : new Tensor(t);
+    }
+
+    /** Releases the references a {@link #retain()} copy holds; a no-op otherwise. */
+    void close() {
+        if (!retained) {
+            return;
+        }
+        retained = false;
+        for (Name n : names.values()) {
+            if (n.tensor != null) {
+                n.tensor.close();
+            }
+        }
+        for (Tensor t : new Tensor[] {targets, mask, offsets, groupIds}) {
+            if (t != null) {
+                t.close();
             }
         }
     }

@@ -17,7 +17,14 @@ public enum KlEstimator {
      */
     K3_UNBIASED(4),
     /** {@code |d|} (verl's {@code "abs"}). */
-    ABS(5);
+    ABS(5),
+    /**
+     * K3 with its estimate clamped to [-10, 10] (verl's {@code "low_var_kl"}, whose {@code d} is
+     * clamped to [-20, 20] first, as {@code logRatioClamp}'s default 20 does here): no gradient
+     * where the clamp binds, as {@code torch.clamp}. Since k3 >= 0, only the upper bound can bind,
+     * for {@code d} above about 2.6 (a reference log-prob far above the policy's).
+     */
+    LOW_VAR_KL(6);
 
     private final int code;
 

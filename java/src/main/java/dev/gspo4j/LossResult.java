@@ -43,6 +43,8 @@ public final class LossResult implements AutoCloseable {
     private boolean released;
     private boolean directBackwardRan;
     private int runningBackwards;
+    // The CUDA device whose deferred data checks a read of this result reports first; -1: CPU.
+    private int cudaDevice = -1;
 
     LossResult(Tensor lossValue, Tensor logProbs, Tensor entropy, LossMetrics metrics, LossGraph fused) {
         this.lossValue = lossValue;
@@ -50,6 +52,18 @@ public final class LossResult implements AutoCloseable {
         this.entropy = entropy;
         this.metrics = metrics;
         this.fused = fused;
+    }
+
+    LossResult onCudaDevice(int device) {
+        this.cudaDevice = device;
+        return this;
+    }
+
+    // CUDA: what the kernels of this call (and earlier ones on the device) found, reported before
+    // any of the result is handed out.
+    private void checked() {
+        ensureOpen();
+        CudaChecks.beforeRead(cudaDevice);
     }
 
     /**
@@ -86,7 +100,7 @@ public final class LossResult implements AutoCloseable {
      * @return a 0-dim float32 tensor on the logits' device, owned by this result
      */
     public Tensor lossValue() {
-        ensureOpen();
+        checked();
         return lossValue;
     }
 
@@ -97,7 +111,7 @@ public final class LossResult implements AutoCloseable {
      *     this result (clone it to keep it past {@link #close()})
      */
     public Tensor logProbs() {
-        ensureOpen();
+        checked();
         return logProbs;
     }
 
@@ -109,7 +123,7 @@ public final class LossResult implements AutoCloseable {
      *     this result
      */
     public Tensor entropy() {
-        ensureOpen();
+        checked();
         return entropy;
     }
 
@@ -119,7 +133,7 @@ public final class LossResult implements AutoCloseable {
      * @return the metrics, owned by this result (closed with it)
      */
     public LossMetrics metrics() {
-        ensureOpen();
+        checked();
         return metrics;
     }
 
@@ -152,6 +166,7 @@ public final class LossResult implements AutoCloseable {
      * @param scale finite and within the float32 range (the upstream gradient is a float32 scalar)
      */
     public void backward(double scale) {
+        checked();
         synchronized (this) {
             ensureOpen();
             if (fused == null) {

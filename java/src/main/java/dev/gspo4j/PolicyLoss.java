@@ -40,11 +40,13 @@ public final class PolicyLoss {
     private final String name;
     private final LossSettings settings;
     private final double temperature;
+    private final boolean inPlaceBackward;
 
-    private PolicyLoss(String name, LossSettings settings, double temperature) {
+    private PolicyLoss(String name, LossSettings settings, double temperature, boolean inPlaceBackward) {
         this.name = name;
         this.settings = settings;
         this.temperature = temperature;
+        this.inPlaceBackward = inPlaceBackward;
     }
 
     /**
@@ -193,6 +195,7 @@ public final class PolicyLoss {
         private final String name;
         private LossSettings settings;
         private double temperature = 1.0;
+        private boolean inPlaceBackward;
         private double delta; // 0: not set through delta()
 
         private Builder(String name, LossSettings settings) {
@@ -424,6 +427,33 @@ public final class PolicyLoss {
         }
 
         /**
+         * Whether the backward writes the logits' gradient over the logits themselves (default
+         * false), as Liger's and quack's in-place options do: no [N, V] allocation and no first
+         * touch of fresh memory per step. After the backward the logits hold their gradient, not
+         * their values, and their version counter has been bumped, so anything autograd saved that
+         * still needs them (a second loss term on the same logits that saved them, a
+         * {@code retain_graph=true} second backward) fails with libtorch's "modified by an inplace
+         * operation" error or an {@link IllegalStateException} instead of reading the gradient.
+         *
+         * <p>Safe when nothing downstream of the backward reads the logits' values: the usual
+         * {@code logits = hidden.matmul(lmHead.t())} (or {@code linear}) saves its inputs, not its
+         * output, so its backward works from the overwritten buffer as from a fresh one. Read
+         * {@link LossResult#logProbs()} and the entropy, not the logits, after the backward. The
+         * logits must be produced by an op: a leaf tensor (or a view of a leaf that requires grad)
+         * is refused at {@code compute}, since its {@code .grad} would be its own memory, and so
+         * are logits whose rows overlap in memory (an expanded tensor). A view such as {@code
+         * logits[:, :-1, :]} works, but its slice backward allocates the base's gradient anyway;
+         * compute the lm_head on {@code hidden[:, :-1, :]} to save that too.
+         *
+         * @param inPlace whether the gradient overwrites the logits
+         * @return this builder
+         */
+        public Builder inPlaceBackward(boolean inPlace) {
+            this.inPlaceBackward = inPlace;
+            return this;
+        }
+
+        /**
          * The loss with these options.
          *
          * @return an immutable, thread-safe loss
@@ -434,7 +464,7 @@ public final class PolicyLoss {
                 throw new IllegalArgumentException("delta = " + delta + " is below 1 + epsHigh = " + (1 + settings.epsHigh())
                         + ": TRL's two-sided clip equals dual clip only for delta >= 1 + epsHigh; raise delta or lower the clip");
             }
-            return new PolicyLoss(name, settings, temperature);
+            return new PolicyLoss(name, settings, temperature, inPlaceBackward);
         }
     }
 
@@ -465,6 +495,9 @@ public final class PolicyLoss {
     }
 
     private LossResult computeUnscoped(LossInput input) {
+        final Tensor deviceTensor = input.logits != null ? input.logits : input.hiddenStates;
+        final int cudaDevice = deviceTensor == null || deviceTensor.isNull() ? -1 : CudaChecks.deviceOf(deviceTensor);
+        CudaChecks.beforeCall(cudaDevice);
         // A normaliser given with the input overrides the loss's own for this call.
         final LossSettings settings = input.normalizer == null ? this.settings : this.settings.withNormalizer(input.normalizer);
         // The hidden-state path: the same pipeline, the logits computed chunk by chunk (FusedLinear).
@@ -472,6 +505,9 @@ public final class PolicyLoss {
                 PreparedInput in = head == null ? PreparedInput.of(input, settings, temperature)
                         : PreparedInput.of(input, head.standInLogits, settings, temperature)) {
             final Tensor logits = head == null ? input.logits : head.rows; // the device and dtype of the outputs
+            if (inPlaceBackward && head == null && GradMode.is_enabled() && logits.requires_grad()) {
+                FusedLogProbs.checkInPlace(logits, in.view);
+            }
             final Device device = Tensors.device(logits);
             final Pointer stream = Tensors.stream(logits);
             final long[] tokenShape = in.tokenShape;
@@ -497,12 +533,14 @@ public final class PolicyLoss {
                         Tensors.floats(in.oldLogProbs), Tensors.bytes(in.mask), Tensors.floats(in.advantages),
                         in.tokenAdvantages, Tensors.floats(in.refLogProbs), Tensors.floats(entropy), Tensors.floats(value),
                         Tensors.floats(gradLogprob), Tensors.floats(gradEntropy), Tensors.floats(metrics)));
-                // On a GPU the kernels check the data as they run (token ids, NaN/Inf): one wait
-                // here turns what they found into the exception the CPU path throws.
-                in.translate(() -> Kernels.reportDataErrors(device, stream));
+                // On a GPU the kernels check the data as they run (token ids, NaN/Inf): what they
+                // found becomes the exception the CPU path throws, at the next gspo4j call on the
+                // device or the first read of this result (now, in strict mode).
+                CudaChecks.afterKernels(cudaDevice, stream, in.errors, in.maskBad, in.maskMessage);
                 lossMetrics = in.metrics(metrics);
                 if (GradMode.is_enabled() && head == null && logits.requires_grad()) {
-                    fused = new FusedLogProbs(logits, in.view, in.targets, temperature, lse, entropy, gradLogprob, gradEntropy);
+                    fused = new FusedLogProbs(logits, in.view, in.targets, temperature, lse, entropy, gradLogprob, gradEntropy,
+                            inPlaceBackward);
                 } else if (GradMode.is_enabled() && head != null && head.requiresGrad()) {
                     fused = new FusedLinear(head.hidden, head.rows, head.weight, head.bias, head.chunkRows, in.targets,
                             temperature, lse, entropy, gradLogprob, gradEntropy);
@@ -522,7 +560,7 @@ public final class PolicyLoss {
                     gradEntropy.close();
                 }
             }
-            return new LossResult(value, logProbs, entropy, lossMetrics, fused);
+            return new LossResult(value, logProbs, entropy, lossMetrics, fused).onCudaDevice(cudaDevice);
         }
     }
 
@@ -539,6 +577,7 @@ public final class PolicyLoss {
     /** The options in force, for logs. */
     @Override
     public String toString() {
-        return name + settings.toString().replace("LossSettings", "") + " temperature=" + temperature;
+        return name + settings.toString().replace("LossSettings", "") + " temperature=" + temperature
+                + (inPlaceBackward ? " inPlaceBackward" : "");
     }
 }

@@ -1,5 +1,6 @@
 package dev.gspo4j;
 
+import dev.gspo4j.internal.DeferredChecks;
 import dev.gspo4j.internal.Kernels;
 import dev.gspo4j.internal.LogitsDtype;
 import dev.gspo4j.internal.LogitsView;
@@ -38,6 +39,10 @@ final class PreparedInput implements AutoCloseable {
     final boolean tokenAdvantages;
     private final Tensor offsets;
     private final List<Tensor> owned = new ArrayList<>();
+    // CUDA, deferred checks: whether the mask holds values other than 0/1 (a device bool scalar,
+    // read with the kernels' checks), and the message then; null otherwise.
+    Tensor maskBad;
+    String maskMessage;
 
     final DataErrors errors;
 
@@ -295,7 +300,29 @@ final class PreparedInput implements AutoCloseable {
     private Tensor maskCopy(Tensor t, long[] shape, Tensor logits) {
         requireSameDevice(t, "mask", logits);
         requireShape(t, shape, "mask");
+        if (Tensors.isCuda(logits) && !DeferredChecks.strict() && t.scalar_type().intern() != ScalarType.Bool
+                && !torch.isComplexType(t.scalar_type())) {
+            // Reading whether the values are 0/1 would wait for the device: the answer stays on the
+            // device and is read with the kernels' own checks (CudaChecks).
+            maskBad = own(otherThanZeroOrOne(t));
+            maskMessage = maskValuesMessage("mask", t);
+            try (Tensor resolved = TensorArgs.resolved(t); Tensor typed = resolved.to(ScalarType.Bool)) {
+                return own(typed.contiguous());
+            }
+        }
         return own(validMask(t, "mask"));
+    }
+
+    // A bool scalar: whether t holds a value other than 0 and 1 (NaN included).
+    private static Tensor otherThanZeroOrOne(Tensor t) {
+        try (Scalar zero = new Scalar(0); Scalar one = new Scalar(1); Tensor notZero = t.ne(zero); Tensor notOne = t.ne(one);
+                Tensor other = notZero.logical_and(notOne)) {
+            return other.any();
+        }
+    }
+
+    private static String maskValuesMessage(String name, Tensor t) {
+        return name + " must hold only 0 and 1, got other values (a " + typeName(t) + " tensor; NaN counts as another value)";
     }
 
     /**
@@ -309,11 +336,9 @@ final class PreparedInput implements AutoCloseable {
                 throw new IllegalArgumentException(name + " must be bool, integer or floating 0/1, got " + typeName(t));
             }
             // NaN is neither 0 nor 1: rejected too.
-            try (Scalar zero = new Scalar(0); Scalar one = new Scalar(1); Tensor notZero = t.ne(zero); Tensor notOne = t.ne(one);
-                    Tensor other = notZero.logical_and(notOne); Tensor any = other.any()) {
+            try (Tensor any = otherThanZeroOrOne(t)) {
                 if (any.item_bool()) {
-                    throw new IllegalArgumentException(name + " must hold only 0 and 1, got other values (a " + typeName(t)
-                            + " tensor; NaN counts as another value)");
+                    throw new IllegalArgumentException(maskValuesMessage(name, t));
                 }
             }
         }

@@ -104,6 +104,7 @@ public final class TokenLogProbs implements AutoCloseable {
         TensorArgs.requireOpen(logits, "logits");
         TensorArgs.requireOpen(targets, "targets");
         TensorArgs.requireReadable(logits, "logits");
+        CudaChecks.beforeCall(CudaChecks.deviceOf(logits));
         TensorArgs.requireNoLazyBits(logits, "logits");
         final LogitsDtype dtype = Tensors.logitsDtype(logits.scalar_type());
         if (dtype == null) {
@@ -158,8 +159,9 @@ public final class TokenLogProbs implements AutoCloseable {
             final Tensor h = entropy;
             errors.run(() -> Kernels.tokenLogProbForward(device, stream, view, Tensors.longs(ids), temperature, true,
                     Tensors.floats(lp), Tensors.doubles(lse), Tensors.floats(h)));
-            // On a GPU the kernel checks ids and finiteness as it reads: one wait reports them.
-            errors.run(() -> Kernels.reportDataErrors(device, stream));
+            // On a GPU the kernel checks ids and finiteness as it reads: reported at the next gspo4j
+            // call on the device (now, in strict mode).
+            CudaChecks.afterKernels(CudaChecks.deviceOf(logits), stream, errors, null, null);
             return new TokenLogProbs(logProbs, entropy);
         } catch (RuntimeException | Error e) {
             for (Tensor t : new Tensor[] {logProbs, entropy}) {

@@ -170,6 +170,7 @@ public final class CompositeLoss {
                 }
                 case K3_UNBIASED -> lp.sub(olp).clamp(s(-r), s(r)).exp().mul(d.exp().sub(d).sub(sc(1)));
                 case ABS -> d.abs();
+                case LOW_VAR_KL -> d.exp().sub(d).sub(sc(1)).clamp(s(-10), s(10));
             };
             loss = loss.add(weight.mul(k).sum().mul(sc(st.klCoef())));
         }

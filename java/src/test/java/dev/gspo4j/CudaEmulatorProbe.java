@@ -1,6 +1,7 @@
 package dev.gspo4j;
 
 import static org.junit.jupiter.api.Assertions.assertEquals;
+import static org.junit.jupiter.api.Assertions.assertFalse;
 import static org.junit.jupiter.api.Assertions.assertInstanceOf;
 import static org.junit.jupiter.api.Assertions.assertNull;
 import static org.junit.jupiter.api.Assertions.assertThrows;
@@ -8,6 +9,7 @@ import static org.junit.jupiter.api.Assertions.assertTrue;
 import static org.junit.jupiter.api.Assertions.fail;
 
 import dev.gspo4j.PolicyLossModuleTest.Batch;
+import dev.gspo4j.internal.DeferredChecks;
 import dev.gspo4j.internal.Device;
 import dev.gspo4j.internal.EmulatedCuda;
 import dev.gspo4j.internal.Kernels;
@@ -18,8 +20,10 @@ import java.util.ArrayList;
 import java.util.Arrays;
 import java.util.List;
 import java.util.function.Supplier;
+import org.bytedeco.pytorch.BoolOptional;
 import org.bytedeco.pytorch.MemoryFormatOptional;
 import org.bytedeco.pytorch.Tensor;
+import org.bytedeco.pytorch.TensorArrayRefOptional;
 import org.bytedeco.pytorch.TensorOptions;
 import org.bytedeco.pytorch.global.torch;
 import org.bytedeco.pytorch.global.torch.ScalarType;
@@ -57,6 +61,7 @@ public final class CudaEmulatorProbe {
         advantages();
         tokenLogProbs();
         badData();
+        deferredChecks();
         System.out.println("cases=" + cases);
         System.out.println("checks=" + checks);
         System.out.println("millis=" + (System.nanoTime() - start) / 1_000_000);
@@ -92,6 +97,17 @@ public final class CudaEmulatorProbe {
             return body.get();
         } finally {
             EmulatedCuda.route(false);
+        }
+    }
+
+    /** Runs {@code body} with every CUDA call waiting for its own data checks. */
+    private static <T> T strict(Supplier<T> body) {
+        final boolean before = Gspo4j.syncChecks();
+        Gspo4j.setSyncChecks(true);
+        try {
+            return body.get();
+        } finally {
+            Gspo4j.setSyncChecks(before);
         }
     }
 
@@ -398,7 +414,8 @@ public final class CudaEmulatorProbe {
                                 () -> TokenLogProbs.compute(poisoned, padded.targets).close(), "logits[1, 2, :]");
                         assertInstanceOf(NonFiniteDataException.class, e, "NaN: divergence on the CPU");
                         assertInstanceOf(NonFiniteDataException.class,
-                                emulated(() -> assertThrows(IllegalArgumentException.class, () -> TokenLogProbs.compute(poisoned, padded.targets))),
+                                emulated(() -> strict(() -> assertThrows(IllegalArgumentException.class,
+                                        () -> TokenLogProbs.compute(poisoned, padded.targets)))),
                                 "NaN: divergence on CUDA");
                         checks += 2;
                     }
@@ -510,7 +527,17 @@ public final class CudaEmulatorProbe {
      */
     private static IllegalArgumentException badOnBoth(String what, Executable call, String offender) {
         final IllegalArgumentException cpu = assertThrows(IllegalArgumentException.class, call, what + " on the CPU");
-        final IllegalArgumentException cuda = emulated(() -> assertThrows(IllegalArgumentException.class, call, what + " on CUDA"));
+        final IllegalArgumentException cuda = emulated(() -> strict(() -> assertThrows(IllegalArgumentException.class, call,
+                what + " on CUDA, strict")));
+        // Deferred (the default): the call itself (checks before any kernel, Advantages) or, at the
+        // latest, the next gspo4j call on the device reports it, in the same words.
+        final IllegalArgumentException deferred = emulated(() -> assertThrows(IllegalArgumentException.class, () -> {
+            call.execute();
+            CudaChecks.beforeCall(0);
+        }, what + " on CUDA, deferred"));
+        assertTrue(deferred.getMessage().equals(cpu.getMessage()) || deferred.getMessage().equals(cpu.getMessage() + CudaChecks.LATER),
+                what + ": deferred message \"" + deferred.getMessage() + "\"");
+        assertFalse(DeferredChecks.pending(0), what + ": nothing left pending");
         assertTrue(cuda.getCause() != null && cuda.getCause().getMessage().startsWith("a CUDA kernel found "),
                 what + " on CUDA: " + cuda.getCause());
         assertEquals(cpu.getMessage(), cuda.getMessage(), what + ": the same message on both paths");
@@ -525,8 +552,77 @@ public final class CudaEmulatorProbe {
         } else {
             assertEquals(Gspo4jException.Status.OUT_OF_RANGE, cudaStatus.status(), what + " on CUDA");
         }
-        checks += 4;
+        checks += 6;
         return cpu;
+    }
+
+    /**
+     * Issue 14 item 2: by default a CUDA loss call does not wait for its data checks. What its
+     * kernels found is thrown at the first read of its result, or at the next gspo4j call on the
+     * device (the message then says so), and only once; strict mode throws in the call.
+     */
+    private static void deferredChecks() {
+        final long start = System.nanoTime();
+        final PolicyLoss grpo = PolicyLoss.grpo().entropyCoefficient(0.01).build();
+        final Batch batch = new Batch(61, 3, 3, 100, 0.2);
+        try (Inputs padded = new Inputs(batch, Layout.PADDED, false); Tensor logits = padded.leaf(ScalarType.Float);
+                Tensor poisoned = logits.detach().clone(); Tensor halfMask = padded.mask.clone()) {
+            poisoned.data_ptr_float().put(17, Float.NaN);
+            poisoned.set_requires_grad(true);
+            halfMask.data_ptr_float().put(4, 0.5f);
+            final LossInput nan = LossInput.builder().logits(poisoned).targets(padded.targets).mask(padded.mask).oldLogProbs(padded.old)
+                    .advantages(padded.advantages).build();
+            final LossInput badMask = LossInput.builder().logits(logits).targets(padded.targets).mask(halfMask)
+                    .oldLogProbs(padded.old).advantages(padded.advantages).build();
+            final LossInput clean = padded.input(logits, false, false);
+            final String nanMessage = assertThrows(NonFiniteDataException.class, () -> grpo.compute(nan).close()).getMessage();
+            final String maskMessage = assertThrows(IllegalArgumentException.class, () -> grpo.compute(badMask).close()).getMessage();
+            emulated(() -> {
+                // The call returns; the first read of its result throws the CPU's exception, once.
+                for (LossInput bad : new LossInput[] {nan, badMask}) {
+                    final String want = bad == nan ? nanMessage : maskMessage;
+                    try (LossResult r = grpo.compute(bad)) {
+                        final IllegalArgumentException e = assertThrows(IllegalArgumentException.class, r::lossValue);
+                        assertEquals(want, e.getMessage(), "read of the result");
+                        assertEquals(bad == nan, e instanceof NonFiniteDataException, "the exception type");
+                        assertFalse(DeferredChecks.pending(0));
+                        r.lossValue(); // reported once
+                    }
+                    // Closed unread: the next call reports it, saying it came from an earlier call.
+                    grpo.compute(bad).close();
+                    assertTrue(DeferredChecks.pending(0));
+                    final IllegalArgumentException e = assertThrows(IllegalArgumentException.class, () -> grpo.compute(clean).close());
+                    assertEquals(want + CudaChecks.LATER, e.getMessage(), "the next call");
+                    try (LossResult r = grpo.compute(clean)) {
+                        assertTrue(Float.isFinite(r.lossValue().item_float()), "a clean call after it");
+                    }
+                    // The backward reads first: no gradient from bad data, on either path.
+                    try (LossResult r = grpo.compute(bad)) {
+                        assertThrows(IllegalArgumentException.class, r::backward);
+                    }
+                    final Tensor leaf = bad == nan ? poisoned : logits;
+                    try (Tensor g = leaf.mutable_grad()) {
+                        g.reset();
+                    }
+                    try (LossResult r = grpo.compute(bad); Tensor l = r.loss()) {
+                        final RuntimeException e2 = assertThrows(RuntimeException.class,
+                                () -> l.backward(new Tensor(), new BoolOptional(false), false, new TensorArrayRefOptional()));
+                        assertTrue(e2.getMessage().contains(bad == nan ? "holds NaN or Inf" : "must hold only 0 and 1"), e2.getMessage());
+                    }
+                    try (Tensor g = leaf.grad()) {
+                        assertTrue(g.isNull() || !g.defined(), "no gradient reached the logits");
+                    }
+                    checks += 9;
+                }
+                // Strict mode: the call itself throws.
+                strict(() -> assertThrows(NonFiniteDataException.class, () -> grpo.compute(nan).close()));
+                assertFalse(DeferredChecks.pending(0));
+                checks += 2;
+                return null;
+            });
+        }
+        cases++;
+        System.out.printf("case deferred checks: %.0f ms%n", (System.nanoTime() - start) / 1e6);
     }
 
     /** Elementwise |got - want| <= relative * |want| + absolute. */

@@ -57,7 +57,7 @@ public class ObjectivesTest {
                 new Case("GRPO delta", () -> PolicyLoss.grpo().delta(1.3), true));
     }
 
-    static final KlEstimator[] NEW_ESTIMATORS = {KlEstimator.K3_PLUS, KlEstimator.K3_UNBIASED, KlEstimator.ABS};
+    static final KlEstimator[] NEW_ESTIMATORS = {KlEstimator.K3_PLUS, KlEstimator.K3_UNBIASED, KlEstimator.ABS, KlEstimator.LOW_VAR_KL};
 
     static Stream<Arguments> objectivesAndDtypes() {
         final List<Arguments> out = new ArrayList<>();
@@ -245,6 +245,29 @@ public class ObjectivesTest {
             assertEquals(0.0f, result.lossValue().item_float(), o.name);
             assertEquals(0.0, PolicyLossModuleTest.maxAbs(logits.grad()), o.name);
             assertEquals(0, result.metrics().sequences());
+        }
+    }
+
+    @Test
+    void lowVarKlClampsLikeVerlWhereTheReferenceIsFarAbove() {
+        // A reference log-prob of 0 (p = 1) on every other token: d = -lp is about log V = 4, k3 about
+        // 50, clamped to 10 with no gradient there; the other tokens stay below the clamp.
+        final Batch batch = new Batch(760, 4, 6, 50, 0.3);
+        for (int i = 0; i < batch.refValues.length; i += 2) {
+            batch.refValues[i] = 0f;
+        }
+        for (ScalarType type : new ScalarType[] {ScalarType.Float, ScalarType.BFloat16}) {
+            compare("GRPO low-var KL", PolicyLoss.grpo().kl(0.1, KlEstimator.LOW_VAR_KL).build(), batch, type, false, false);
+            compare("GSPO low-var KL", PolicyLoss.gspo().kl(0.1, KlEstimator.LOW_VAR_KL).build(), batch, type, false, true);
+        }
+        // And it differs from plain k3 exactly there: the clamp bound.
+        try (Tensor logits = batch.logits(ScalarType.Float); Tensor targets = batch.targets(); Tensor mask = batch.mask();
+                Tensor old = batch.old(); Tensor ref = batch.ref(); Tensor adv = batch.sequenceAdvantages();
+                LossResult low = PolicyLoss.grpo().kl(1, KlEstimator.LOW_VAR_KL).build().compute(LossInput.builder().logits(logits)
+                        .targets(targets).mask(mask).oldLogProbs(old).refLogProbs(ref).advantages(adv).build());
+                LossResult k3 = PolicyLoss.grpo().kl(1, KlEstimator.K3).build().compute(LossInput.builder().logits(logits)
+                        .targets(targets).mask(mask).oldLogProbs(old).refLogProbs(ref).advantages(adv).build())) {
+            assertTrue(low.lossValue().item_float() < k3.lossValue().item_float() - 1, "the clamp binds");
         }
     }
 

@@ -41,13 +41,22 @@ public final class BenchmarkReport {
             }
         }
         final Options options = new OptionsBuilder().include(TokenLogProbBenchmark.class.getSimpleName() + "\\." + methods)
-                .include(PolicyLossBenchmark.class.getSimpleName() + "\\." + methods).param("shape", shapes).param("dtype", dtypes).build();
+                .include(PolicyLossBenchmark.class.getSimpleName() + "\\." + methods)
+                .include(StepBenchmark.class.getSimpleName() + "\\." + methods)
+                .include(TinyCallBenchmark.class.getSimpleName() + "\\." + methods).param("shape", shapes).param("dtype", dtypes).build();
         final Collection<RunResult> results = new Runner(options).run();
         final Map<String, double[]> times = new HashMap<>(); // "method shape dtype" -> {mean ms, error ms}
+        final Map<String, double[]> tiny = new HashMap<>(); // TinyCallBenchmark: method -> {mean us, error us}
         for (RunResult r : results) {
-            final String method = r.getParams().getBenchmark().replaceAll(".*\\.", "").replace("_", "");
-            final String key = method + " " + r.getParams().getParam("shape") + " " + r.getParams().getParam("dtype");
-            times.put(key, new double[] {r.getPrimaryResult().getScore(), r.getPrimaryResult().getScoreError()});
+            final String benchmark = r.getParams().getBenchmark();
+            final String method = benchmark.replaceAll(".*\\.", "").replace("_", "");
+            final double[] score = {r.getPrimaryResult().getScore(), r.getPrimaryResult().getScoreError()};
+            if (benchmark.contains(TinyCallBenchmark.class.getSimpleName())) {
+                tiny.put(method, score);
+                continue;
+            }
+            final String prefix = benchmark.contains(StepBenchmark.class.getSimpleName()) ? "step." : "";
+            times.put(prefix + method + " " + r.getParams().getParam("shape") + " " + r.getParams().getParam("dtype"), score);
         }
         final StringBuilder table = new StringBuilder();
         table.append(header());
@@ -79,11 +88,62 @@ public final class BenchmarkReport {
                 }
             }
         }
+        table.append(stepTable(times, shapes, dtypes));
+        table.append(tinyTable(tiny));
         System.out.println(table);
         Files.createDirectories(out);
         final Path file = out.resolve("cpu-" + LocalDate.now() + "-" + String.join("_", shapes) + ".md");
         Files.writeString(file, table.toString());
         System.out.println("written: " + file);
+    }
+
+    /** The steady-state GSPO step against its kernels (StepBenchmark). */
+    static String stepTable(Map<String, double[]> times, String[] shapes, String[] dtypes) {
+        final StringBuilder t = new StringBuilder();
+        final String[][] rows = {{"fresh", "fresh [N, V] gradient (pool off)"}, {"pooled", "pooled gradient (default)"},
+            {"pooledGraph", "pooled, through loss().backward()"}, {"inPlace", "inPlaceBackward(true)"}};
+        boolean any = false;
+        for (String shape : shapes) {
+            for (String dtype : dtypes) {
+                final double[] kernels = times.get("step.kernels " + shape + " " + dtype);
+                if (kernels == null) {
+                    continue;
+                }
+                if (!any) {
+                    t.append("\nGSPO step (compute + backward into the logits) in steady state, against the fused forward and "
+                            + "backward kernels alone into warm buffers:\n\n");
+                    t.append("| N x V | dtype | step | ms | step / kernels |\n| --- | --- | --- | --- | --- |\n");
+                    any = true;
+                }
+                t.append(String.format(Locale.ROOT, "| %s | %s | kernels alone | %.1f ± %.1f | 1.00x |%n", shape, dtype, kernels[0],
+                        kernels[1]));
+                for (String[] row : rows) {
+                    final double[] step = times.get("step." + row[0] + " " + shape + " " + dtype);
+                    if (step != null) {
+                        t.append(String.format(Locale.ROOT, "| %s | %s | %s | %.1f ± %.1f | %.2fx |%n", shape, dtype, row[1], step[0],
+                                step[1], step[0] / kernels[0]));
+                    }
+                }
+            }
+        }
+        return t.toString();
+    }
+
+    /** Per-call overhead on tiny inputs (TinyCallBenchmark). */
+    static String tinyTable(Map<String, double[]> tiny) {
+        if (tiny.isEmpty()) {
+            return "";
+        }
+        final StringBuilder t = new StringBuilder("\nPer-call cost of a GSPO step on tiny inputs (B = 2, T = 4, V = 16, fp32; "
+                + "JMH average time, 5 x 1 s):\n\n| path | us per step |\n| --- | --- |\n");
+        for (String[] row : new String[][] {{"direct", "result.backward()"}, {"graph", "loss().backward()"},
+                {"composite", "libtorch composite"}}) {
+            final double[] v = tiny.get(row[0]);
+            if (v != null) {
+                t.append(String.format(Locale.ROOT, "| %s | %.1f ± %.1f |%n", row[1], v[0], v[1]));
+            }
+        }
+        return t.toString();
     }
 
     static String header() throws Exception {

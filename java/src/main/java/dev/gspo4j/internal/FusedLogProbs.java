@@ -136,6 +136,10 @@ public final class FusedLogProbs implements LossGraph {
     private final long entropyVersion;
     private final Tensor gradLogprob;
     private final Tensor gradEntropy;
+    // The backward writes the gradient over the logits' own memory (PolicyLoss.Builder.inPlaceBackward).
+    private final boolean inPlace;
+    // Shared by every copy: whether an in-place backward overwrote the logits.
+    private final AtomicBoolean overwritten;
     // Shared by the result's holder and every graph made from it: whether a gradient was sent.
     private final AtomicBoolean gradientSent;
     // Shared by every copy: whether the direct path (LossResult.backward) ran. A graph from loss()
@@ -176,9 +180,11 @@ public final class FusedLogProbs implements LossGraph {
      * the logits' metadata and the versions of what the backward reads.
      *
      * @param gradEntropy dLoss/dH per token, or null when the loss has no entropy term
+     * @param inPlace whether the backward writes the gradient over the logits (the caller checked
+     *     {@link #checkInPlace})
      */
     public FusedLogProbs(Tensor logits, LogitsView view, Tensor targets, double temperature, Tensor lse, Tensor entropy,
-            Tensor gradLogprob, Tensor gradEntropy) {
+            Tensor gradLogprob, Tensor gradEntropy, boolean inPlace) {
         this.callerLogits = new Tensor(logits);
         this.logits = logits.detach();
         this.logitsShape = Tensors.shape(logits);
@@ -195,8 +201,59 @@ public final class FusedLogProbs implements LossGraph {
         this.entropyVersion = entropy._version();
         this.gradLogprob = new Tensor(gradLogprob);
         this.gradEntropy = gradEntropy == null ? null : new Tensor(gradEntropy);
+        this.inPlace = inPlace;
+        this.overwritten = new AtomicBoolean();
         this.gradientSent = new AtomicBoolean();
         this.directSent = new AtomicBoolean();
+    }
+
+    /** As the full constructor, with the gradient in memory of its own. */
+    public FusedLogProbs(Tensor logits, LogitsView view, Tensor targets, double temperature, Tensor lse, Tensor entropy,
+            Tensor gradLogprob, Tensor gradEntropy) {
+        this(logits, view, targets, temperature, lse, entropy, gradLogprob, gradEntropy, false);
+    }
+
+    /**
+     * Refuses logits that an in-place backward could not safely overwrite with their gradient: a
+     * leaf, or a view of a leaf (its {@code .grad} would be the leaf's own memory), and rows that
+     * overlap in memory (an expanded tensor: one element would hold several gradients).
+     *
+     * @throws IllegalArgumentException naming the problem and the fix
+     */
+    public static void checkInPlace(Tensor logits, LogitsView view) {
+        final String fix = "; build the loss without inPlaceBackward(true) for such logits";
+        if (logits.is_leaf()) {
+            throw new IllegalArgumentException("inPlaceBackward(true) needs logits produced by an op (the lm_head's matmul, a "
+                    + "cast), not a leaf tensor: the leaf's .grad would be the logits' own memory, overwritten" + fix);
+        }
+        if (logits.is_view()) {
+            try (TensorBase base = logits._base()) {
+                if (base.is_leaf() && base.requires_grad()) {
+                    throw new IllegalArgumentException("inPlaceBackward(true) needs logits produced by an op, not a view of a leaf "
+                            + "tensor that requires grad: the gradient would reach the leaf's .grad over the leaf's own memory" + fix);
+                }
+            }
+        }
+        // The two row dimensions, inner (smaller stride) first; rows are `vocab` contiguous elements.
+        long innerCount = view.seq();
+        long innerStride = view.strideSeq();
+        long outerCount = view.batch();
+        long outerStride = view.strideBatch();
+        if (outerCount > 1 && (innerCount <= 1 || outerStride < innerStride)) {
+            final long c = innerCount;
+            final long st = innerStride;
+            innerCount = outerCount;
+            innerStride = outerStride;
+            outerCount = c;
+            outerStride = st;
+        }
+        final boolean innerOk = innerCount <= 1 || innerStride >= view.vocab();
+        final boolean outerOk = outerCount <= 1 || outerStride >= (innerCount - 1) * innerStride + view.vocab();
+        if (!innerOk || !outerOk) {
+            throw new IllegalArgumentException("inPlaceBackward(true) needs logits whose rows do not overlap in memory (strides "
+                    + Arrays.toString(Tensors.strides(logits)) + " for shape " + Arrays.toString(Tensors.shape(logits))
+                    + ": an expanded tensor?), since each element receives its own gradient" + fix);
+        }
     }
 
     /** Another holder of the same tensors and the same compute-time records. */
@@ -217,6 +274,8 @@ public final class FusedLogProbs implements LossGraph {
         this.entropyVersion = other.entropyVersion;
         this.gradLogprob = new Tensor(other.gradLogprob);
         this.gradEntropy = other.gradEntropy == null ? null : new Tensor(other.gradEntropy);
+        this.inPlace = other.inPlace;
+        this.overwritten = other.overwritten;
         this.gradientSent = other.gradientSent;
         this.directSent = other.directSent;
     }
@@ -246,6 +305,11 @@ public final class FusedLogProbs implements LossGraph {
      */
     @Override
     public void checkUnchanged() {
+        if (overwritten.get()) {
+            throw new IllegalStateException("the in-place backward (inPlaceBackward(true)) already overwrote the logits with "
+                    + "their gradient: a second backward of this result has no logits to read. Call compute() again, or build "
+                    + "the loss without inPlaceBackward for a retain_graph=true backward");
+        }
         final long[] shape = Tensors.shape(callerLogits);
         final long[] strides = Tensors.strides(callerLogits);
         final long offset = callerLogits.storage_offset();
@@ -282,8 +346,10 @@ public final class FusedLogProbs implements LossGraph {
     }
 
     /**
-     * The gradient of {@code scale * loss} with respect to the logits, contiguous, in the logits'
-     * dtype and with the shape compute() saw: one read of the logits and one write.
+     * The gradient of {@code scale * loss} with respect to the logits, in the logits' dtype and with
+     * the shape compute() saw: one read of the logits and one write. Contiguous, over memory of the
+     * {@link GradientPool} on the CPU; or, for an in-place backward, the logits' own memory (their
+     * strides), whose version counter is then bumped so that any later use autograd would need fails.
      *
      * @param scale a 0-dim float32 tensor on the logits' device, or null for 1
      */
@@ -292,7 +358,10 @@ public final class FusedLogProbs implements LossGraph {
         final Tensor gLp = scale == null ? gradLogprob : gradLogprob.mul(scale);
         final Tensor gH = gradEntropy == null ? null : scale == null ? gradEntropy : gradEntropy.mul(scale);
         try {
-            final Tensor grad = Tensors.empty(logitsShape, logits.scalar_type(), logits);
+            if (inPlace) {
+                return overwriteLogits(gLp, gH);
+            }
+            final Tensor grad = GradientPool.empty(logitsShape, logits.scalar_type(), logits);
             try {
                 Kernels.tokenLogProbBackward(Tensors.device(logits), Tensors.stream(logits), view, Tensors.longs(targets),
                         temperature, Tensors.doubles(lse), Tensors.floats(entropy), Tensors.floats(gLp), Tensors.floats(gH),
@@ -313,6 +382,31 @@ public final class FusedLogProbs implements LossGraph {
                 gH.close();
             }
         }
+    }
+
+    // The in-place backward: the kernel writes over the rows it reads (each element's gradient
+    // depends on that element and the row's saved statistics only), then the version bump: an
+    // in-place op on an empty slice changes no data but increments the counter the logits share
+    // with their views and base, as libtorch's own in-place ops do.
+    private Tensor overwriteLogits(Tensor gLp, Tensor gH) {
+        if (!overwritten.compareAndSet(false, true)) {
+            throw new IllegalStateException("the in-place backward already overwrote the logits (a gspo4j bug: checked before)");
+        }
+        try {
+            Kernels.tokenLogProbBackward(Tensors.device(logits), Tensors.stream(logits), view, Tensors.longs(targets),
+                    temperature, Tensors.doubles(lse), Tensors.floats(entropy), Tensors.floats(gLp), Tensors.floats(gH),
+                    view.data(), view.strideBatch(), view.strideSeq());
+        } catch (Gspo4jException e) {
+            // A failed kernel leaves the logits as they were (ids are checked before any write).
+            overwritten.set(false);
+            throw backwardFailure(e);
+        }
+        try (Tensor none = logits.narrow(-1, 0, 0)) {
+            none.zero_();
+        }
+        // A fresh TensorImpl over the same memory: the engine's reference is the only one, so the
+        // logits' producer (or a leaf's AccumulateGrad further down) may keep it without a copy.
+        return logits.alias();
     }
 
     /**
@@ -488,6 +582,10 @@ public final class FusedLogProbs implements LossGraph {
     /** The gradient hook's body: the fused gradient scaled by the recorded upstream gradient. */
     private Tensor sendGradient() {
         try {
+            if (Tensors.isCuda(logits)) {
+                // What the CUDA kernels of compute() (and earlier calls) found, before a gradient from them.
+                DeferredChecks.resolve(DeferredChecks.deviceOf(logits), false);
+            }
             synchronized (this) {
                 if (closed) {
                     throw new IllegalStateException("this loss's graph was released after an earlier failure in its backward; "

@@ -118,6 +118,10 @@ final class Gspo4jLibrary {
 
     static native int gspo4j_cuda_check_error(Pointer stream);
 
+    static native int gspo4j_cuda_defer_error_check(Pointer stream, @Cast("int64_t*") LongPointer ticket);
+
+    static native int gspo4j_cuda_resolve_error_check(@Cast("int64_t") long ticket);
+
     static native int gspo4j_loss_config_init(LossConfig config);
 
     static native int gspo4j_token_logprob_forward(

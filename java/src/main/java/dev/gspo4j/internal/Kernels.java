@@ -343,6 +343,22 @@ public final class Kernels {
         }
     }
 
+    /**
+     * Queues a snapshot of what the CUDA kernels queued so far on {@code stream}'s device found,
+     * without waiting; returns its ticket for {@link #resolveDataErrors} (0: nothing to check).
+     */
+    public static long deferDataErrors(Pointer stream) {
+        try (LongPointer ticket = new LongPointer(1)) {
+            check(Gspo4jLibrary.gspo4j_cuda_defer_error_check(stream, ticket));
+            return ticket.get();
+        }
+    }
+
+    /** Waits for the snapshot of {@code ticket} and throws what it holds, as reportDataErrors. */
+    public static void resolveDataErrors(long ticket) {
+        check(Gspo4jLibrary.gspo4j_cuda_resolve_error_check(ticket));
+    }
+
     private static void checkDevice(Device device, Pointer stream) {
         Checks.notNull(device, "device");
         if (device == Device.CPU && stream != null && !stream.isNull()) {

@@ -149,6 +149,7 @@ final class Reference {
             case K3, K3_PLUS -> Math.exp(d) - d - 1;
             case K3_UNBIASED -> ratio * (Math.exp(d) - d - 1);
             case ABS -> Math.abs(d);
+            case LOW_VAR_KL -> Math.min(Math.max(Math.exp(d) - d - 1, -10), 10);
         };
     }
 
