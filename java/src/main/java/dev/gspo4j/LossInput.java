@@ -236,6 +236,7 @@ public final class LossInput {
          *     float32, bfloat16 or float16
          * @param weight {@code [V, H]}, the hidden states' dtype and device
          * @param bias {@code [V]} in the same dtype, or null
+         * @return this builder
          */
         public Builder hiddenStates(Tensor hidden, Tensor weight, Tensor bias) {
             TensorArgs.requireOpen(hidden, "hiddenStates");
@@ -254,6 +255,7 @@ public final class LossInput {
          * Default {@link #DEFAULT_LOGITS_CHUNK_BYTES} (256 MiB: 883 rows of V = 151936 in bf16).
          *
          * @param bytes at least 1
+         * @return this builder
          */
         public Builder logitsChunkBytes(long bytes) {
             if (bytes < 1) {
