@@ -344,7 +344,7 @@ public final class DigitsDemo {
      * tensors are tiny ([128, 6, 64] activations, ten logits per token), so a parallel region
      * costs more than it saves, and idle OpenMP and OpenBLAS threads spin-wait between ops,
      * taking the CPU from everything else: on the 2-vCPU CI machine kind libtorch's defaults (2
-     * and 2) made the demo 5 to 20x slower than 1 (README, "Threads").
+     * and 2) made the demo 5 to 20x slower than 1 (README, "Threads and processes").
      */
     static int defaultThreads() {
         final String env = System.getenv("OMP_NUM_THREADS");
