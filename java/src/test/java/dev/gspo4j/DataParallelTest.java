@@ -94,6 +94,52 @@ class DataParallelTest {
     }
 
     @Test
+    void localCountsAreTheKernelsCounts() {
+        final DataParallelProbe.Batch batch = DataParallelProbe.Batch.generate();
+        for (boolean padded : new boolean[] {false, true}) {
+            try (DataParallelProbe.Inputs in = batch.input(batch.all(), padded, false, batch.weights());
+                    LossResult r = PolicyLoss.grpo().build().compute(in.input)) {
+                final GlobalCounts counts = DataParallel.localCounts(in.input);
+                assertEquals(r.metrics().sequences(), counts.responses(), "B'");
+                assertEquals(r.metrics().tokens(), counts.tokens(), "tokens");
+                assertEquals(DataParallelProbe.RESPONSES, counts.batch(), "B");
+                assertEquals(9, counts.longest(), "longest response / T");
+            }
+        }
+    }
+
+    @Test
+    void theOwnCountsChangeNothingAndDoubledCountsHalveTheLoss() {
+        final DataParallelProbe.Batch batch = DataParallelProbe.Batch.generate();
+        for (DataParallelProbe.Case c : DataParallelProbe.cases()) {
+            final PolicyLoss loss = c.loss().get();
+            try (DataParallelProbe.Inputs in = batch.input(batch.all(), c.padded(), c.tokenAdvantages(), batch.weights())) {
+                final GlobalCounts own = DataParallel.localCounts(in.input);
+                final GlobalCounts doubled = new GlobalCounts(2 * own.responses(), 2 * own.tokens(), 2 * own.batch(), own.longest());
+                try (LossResult plain = loss.compute(in.input); LossResult same = loss.compute(in.input, own);
+                        LossResult half = loss.compute(in.input, doubled)) {
+                    final float value = plain.loss().item_float();
+                    assertEquals(value, same.loss().item_float(), c.name() + ": its own counts");
+                    // Every denominator doubled: an exact factor 1/2 (a power of two).
+                    assertEquals(value / 2, half.loss().item_float(), c.name() + ": doubled counts");
+                }
+            }
+        }
+    }
+
+    @Test
+    void countsBelowTheCallsOwnAreRejected() {
+        final DataParallelProbe.Batch batch = DataParallelProbe.Batch.generate();
+        try (DataParallelProbe.Inputs in = batch.input(batch.all(), false, false, batch.weights())) {
+            final GlobalCounts own = DataParallel.localCounts(in.input);
+            final GlobalCounts fewer = new GlobalCounts(own.responses() - 1, own.tokens(), own.batch(), own.longest());
+            final RuntimeException e = assertThrows(RuntimeException.class, () -> PolicyLoss.gspo().build().compute(in.input, fewer));
+            assertTrue(String.valueOf(e.getMessage()).contains("responses_total") && e.getMessage().contains("every rank"),
+                    e.toString());
+        }
+    }
+
+    @Test
     void countsAreCheckedAndAddUp() {
         assertThrows(IllegalArgumentException.class, () -> new GlobalCounts(3, 2, 5, 4), "responses > tokens");
         assertThrows(IllegalArgumentException.class, () -> new GlobalCounts(3, 9, 2, 4), "responses > batch");
