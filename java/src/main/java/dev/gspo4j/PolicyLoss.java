@@ -253,7 +253,10 @@ public final class PolicyLoss {
         /**
          * A global count replacing the local denominator of the aggregation (responses B', tokens
          * sum m, or B for SEQ_MEAN_TOKEN_SUM_NORM): for data-parallel ranks and gradient accumulation
-         * over micro-batches. 0 restores the local count.
+         * over micro-batches. 0 restores the local count. One number replaces every denominator
+         * alike, which is not right where a loss has two (GSPO, LUSPO or GMPO with TOKEN_MEAN or
+         * SEQ_MEAN_TOKEN_SUM_NORM: J_b over B', the KL and entropy terms over the tokens or B x Lnorm):
+         * {@link PolicyLoss#compute(LossInput, GlobalCounts)} passes each count apart.
          */
         public Builder normalizer(double count) {
             settings = settings.withNormalizer(count);
