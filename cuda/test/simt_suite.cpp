@@ -911,6 +911,11 @@ gspo4j_loss_config loss_config(int ratio_level, int aggregation, long turn) {
     c.log_ratio_clamp = turn % 5 == 3 ? 0.5 : 20.0;
     c.normalizer = turn % 5 == 2 ? 7.0 : 0.0;
     c.length_norm = turn % 7 == 3 ? 64.0 : 0.0;
+    if (turn % 6 == 4) {  // a data-parallel step's totals, above any call's own counts
+        c.responses_total = 1e4;
+        c.tokens_total = 2e5;
+        c.batch_total = 3e4;
+    }
     return c;
 }
 

@@ -209,6 +209,9 @@ gspo4j_status gspo4j_loss_config_init(gspo4j_loss_config* config) {
     config->dppo_delta_low = 0.15;
     config->dppo_delta_high = 0.15;
     config->dppo_ratio_cap = 20.0;
+    config->responses_total = 0.0;
+    config->tokens_total = 0.0;
+    config->batch_total = 0.0;
     GSPO4J_API_END()
 }
 
@@ -333,6 +336,11 @@ gspo4j_status gspo4j_policy_loss(int32_t device, void* stream, const gspo4j_loss
                   "config.log_ratio_clamp must be finite and > 0, got " + std::to_string(c.log_ratio_clamp));
     check.require(std::isfinite(c.normalizer) && c.normalizer >= 0.0,
                   "config.normalizer must be finite and >= 0 (0: local count), got " + std::to_string(c.normalizer));
+    check.require(std::isfinite(c.responses_total) && c.responses_total >= 0.0 && std::isfinite(c.tokens_total) &&
+                      c.tokens_total >= 0.0 && std::isfinite(c.batch_total) && c.batch_total >= 0.0,
+                  "config.responses_total, tokens_total and batch_total must be finite and >= 0 (0: this call's count), got " +
+                      std::to_string(c.responses_total) + ", " + std::to_string(c.tokens_total) + " and " +
+                      std::to_string(c.batch_total));
     check.require(std::isfinite(c.length_norm) && c.length_norm >= 0.0,
                   "config.length_norm must be finite and >= 0 (0: default), got " + std::to_string(c.length_norm));
     check.finite(c.kl_coef, "config.kl_coef");

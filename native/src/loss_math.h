@@ -161,8 +161,11 @@ struct Scales {
 // `longest` is the longest response, counted tokens or not (Lnorm of packed batches).
 GSPO4J_HOST_DEVICE inline Scales aggregation_scales(const gspo4j_loss_config& config, bool packed, int64_t batch, int64_t seq,
                                                     int64_t responses, int64_t tokens, int64_t longest) {
+    // A step's total (data-parallel ranks) first, then the single normaliser, then this call's count.
     const bool explicit_normalizer = config.normalizer > 0.0;
-    const double response_denominator = explicit_normalizer ? config.normalizer : static_cast<double>(responses);
+    const double response_denominator = config.responses_total > 0.0 ? config.responses_total
+                                        : explicit_normalizer         ? config.normalizer
+                                                                      : static_cast<double>(responses);
     double token_denominator = 0.0;
     bool divide_by_length = false;
     switch (config.aggregation) {
@@ -171,7 +174,9 @@ GSPO4J_HOST_DEVICE inline Scales aggregation_scales(const gspo4j_loss_config& co
             divide_by_length = true;
             break;
         case GSPO4J_TOKEN_MEAN:
-            token_denominator = explicit_normalizer ? config.normalizer : static_cast<double>(tokens);
+            token_denominator = config.tokens_total > 0.0 ? config.tokens_total
+                                : explicit_normalizer      ? config.normalizer
+                                                           : static_cast<double>(tokens);
             break;
         case GSPO4J_SEQ_MEAN_TOKEN_SUM:
             token_denominator = response_denominator;
@@ -180,7 +185,10 @@ GSPO4J_HOST_DEVICE inline Scales aggregation_scales(const gspo4j_loss_config& co
             const double length_norm = config.length_norm > 0.0 ? config.length_norm
                                        : packed                       ? static_cast<double>(longest)
                                                                       : static_cast<double>(seq);
-            token_denominator = (explicit_normalizer ? config.normalizer : static_cast<double>(batch)) * length_norm;
+            const double batch_denominator = config.batch_total > 0.0 ? config.batch_total
+                                             : explicit_normalizer     ? config.normalizer
+                                                                       : static_cast<double>(batch);
+            token_denominator = batch_denominator * length_norm;
             break;
         }
     }

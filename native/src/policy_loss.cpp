@@ -133,6 +133,22 @@ void policy_loss(const gspo4j_loss_config& config, const TokenLayout& layout, co
         total_tokens += sums[b].length;
         longest = std::max(longest, layout.end(b) - layout.begin(b));
     }
+    // A step's total below this call's own count is a caller's mistake (the counts of another step,
+    // or a rank's own): it would scale this call's share past the whole.
+    if (config.responses_total > 0.0 && config.responses_total < static_cast<double>(responses)) {
+        fail(GSPO4J_ERROR_INVALID_ARGUMENT, "config.responses_total = " + std::to_string(config.responses_total) +
+                                                " is below this call's " + std::to_string(responses) +
+                                                " counted responses: pass the step's total over every rank");
+    }
+    if (config.tokens_total > 0.0 && config.tokens_total < static_cast<double>(total_tokens)) {
+        fail(GSPO4J_ERROR_INVALID_ARGUMENT, "config.tokens_total = " + std::to_string(config.tokens_total) +
+                                                " is below this call's " + std::to_string(total_tokens) +
+                                                " counted tokens: pass the step's total over every rank");
+    }
+    if (config.batch_total > 0.0 && config.batch_total < static_cast<double>(layout.batch)) {
+        fail(GSPO4J_ERROR_INVALID_ARGUMENT, "config.batch_total = " + std::to_string(config.batch_total) + " is below this call's " +
+                                                std::to_string(layout.batch) + " responses: pass the step's total over every rank");
+    }
     const math::Scales scales = math::aggregation_scales(config, layout.offsets != nullptr, layout.batch, layout.seq, responses,
                                                          total_tokens, longest);
     const math::Clip clip = math::Clip::of(config);

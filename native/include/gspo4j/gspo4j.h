@@ -159,6 +159,12 @@ typedef struct gspo4j_loss_config {
     double dppo_delta_low;    /* DPPO's divergence bounds (TV: p - p_old; KL: the binary KL) */
     double dppo_delta_high;
     double dppo_ratio_cap;    /* DPPO's C: the weight is sg[min(r, C)] */
+    /* The counts of a whole step when it is split over data-parallel ranks (or micro-batches), each
+     * > 0 replacing this call's own and taking precedence over `normalizer`; 0: this call's. With
+     * them the calls' losses add up to the step's loss (SPEC.md "Data-parallel equivalence"). */
+    double responses_total;   /* B' of every mean over responses (GSPO's, LUSPO's, GMPO's J_b; SEQ_MEAN_*) */
+    double tokens_total;      /* the counted tokens of TOKEN_MEAN */
+    double batch_total;       /* B of SEQ_MEAN_TOKEN_SUM_NORM (Lnorm: length_norm) */
 } gspo4j_loss_config;
 
 /* Thread-local message of the last failed call on this thread ("" if none). */

@@ -5,6 +5,7 @@ import dev.gspo4j.internal.Tensors;
 import java.util.Collections;
 import java.util.LinkedHashMap;
 import java.util.Map;
+import org.bytedeco.pytorch.Scalar;
 import org.bytedeco.pytorch.Tensor;
 import org.bytedeco.pytorch.TensorVector;
 import org.bytedeco.pytorch.global.torch;
@@ -206,13 +207,7 @@ public final class LossMetrics implements AutoCloseable {
         if (host != null && !needCounts) {
             return;
         }
-        final Tensor zero = Tensors.empty(new long[] {1}, ScalarType.Double, values);
-        zero.zero_();
-        try (Tensor asDouble = values.to(ScalarType.Double);
-                Tensor s = sequenceCount == null ? null : sequenceCount.reshape(1).to(ScalarType.Double);
-                Tensor t = tokenCount == null ? null : tokenCount.reshape(1).to(ScalarType.Double);
-                TensorVector parts = new TensorVector(asDouble, s == null ? zero : s, t == null ? zero : t);
-                Tensor all = torch.cat(parts); Tensor cpu = all.cpu(); Tensor contiguous = cpu.contiguous()) {
+        try (Tensor all = asDoubles(); Tensor cpu = all.cpu(); Tensor contiguous = cpu.contiguous()) {
             final double[] copy = new double[Metric.COUNT + 2];
             contiguous.data_ptr_double().get(copy);
             if (host == null) {
@@ -228,9 +223,33 @@ public final class LossMetrics implements AutoCloseable {
             if (tokens < 0) {
                 tokens = tokenCount == null ? knownTokens : (long) copy[Metric.COUNT + 1];
             }
-        } finally {
-            zero.close();
         }
+    }
+
+    /**
+     * The float32 set and the two exact counts as one new float64 tensor {@code [Metric.COUNT + 2]}
+     * on the logits' device, without a sync (the counts stay exact below 2^53); the caller closes it.
+     */
+    Tensor asDoubles() {
+        ensureOpen();
+        try (Tensor asDouble = values.to(ScalarType.Double); Tensor s = count(sequenceCount, knownSequences);
+                Tensor t = count(tokenCount, knownTokens); TensorVector parts = new TensorVector(asDouble, s, t)) {
+            return torch.cat(parts);
+        }
+    }
+
+    // A count as a float64 [1] on the values' device: the device-held one, or the host-known value.
+    private Tensor count(Tensor held, long known) {
+        if (held != null) {
+            try (Tensor flat = held.reshape(1)) {
+                return flat.to(ScalarType.Double);
+            }
+        }
+        final Tensor t = Tensors.empty(new long[] {1}, ScalarType.Double, values);
+        try (Scalar value = new Scalar((double) known)) {
+            t.fill_(value);
+        }
+        return t;
     }
 
     /** Releases the metrics' tensors; idempotent. Reading a metric afterwards is an IllegalStateException. */

@@ -12,6 +12,7 @@ import dev.gspo4j.internal.Metric;
 import dev.gspo4j.internal.Objective;
 import dev.gspo4j.internal.ObjectiveParams;
 import dev.gspo4j.internal.RatioLevel;
+import dev.gspo4j.internal.StepTotals;
 import dev.gspo4j.internal.TokenLayout;
 import dev.gspo4j.internal.Tensors;
 import dev.gspo4j.internal.Unscoped;
@@ -341,7 +342,10 @@ public final class PolicyLoss {
         /**
          * A global count replacing the local denominator of the aggregation (responses B', tokens
          * sum m, or B for SEQ_MEAN_TOKEN_SUM_NORM): for data-parallel ranks and gradient accumulation
-         * over micro-batches. 0 restores the local count.
+         * over micro-batches. 0 restores the local count. One number replaces every denominator
+         * alike, which is not right where a loss has two (GSPO, LUSPO or GMPO with TOKEN_MEAN or
+         * SEQ_MEAN_TOKEN_SUM_NORM: J_b over B', the KL and entropy terms over the tokens or B x Lnorm):
+         * {@link PolicyLoss#compute(LossInput, GlobalCounts)} passes each count apart.
          *
          * @param count 0 or in [1e-6, 1e18]
          * @return this builder
@@ -491,15 +495,48 @@ public final class PolicyLoss {
         }
         // The result and its graph state belong to the result, not to a PointerScope open now:
         // a backward after that scope closed still works; LossResult.close() releases them.
-        return Unscoped.call(() -> computeUnscoped(input));
+        return Unscoped.call(() -> computeUnscoped(input, null));
     }
 
-    private LossResult computeUnscoped(LossInput input) {
+    /**
+     * {@link #compute(LossInput)} with the counts of the whole step in place of this call's own
+     * denominators, for this one call: this rank's share of a batch split over data-parallel ranks
+     * (or one micro-batch of an accumulated step). Every mean over responses divides by
+     * {@link GlobalCounts#responses()}, {@link Aggregation#TOKEN_MEAN} by {@link GlobalCounts#tokens()},
+     * {@link Aggregation#SEQ_MEAN_TOKEN_SUM_NORM} by {@link GlobalCounts#batch()} times Lnorm (the
+     * loss's {@link Builder#lengthNorm}, else {@link GlobalCounts#longest()}). The shares then add
+     * up to the step's loss: sum the ranks' gradients (see {@link DataParallel} for the contract).
+     * The counts take precedence over a {@link LossInput.Builder#normalizer}.
+     *
+     * @param counts the step's counts, from {@link DataParallel#allReduceCounts} or summed with
+     *     {@link GlobalCounts#plus}; each at least this call's own (the CPU kernels check)
+     */
+    public LossResult compute(LossInput input, GlobalCounts counts) {
+        if (input == null) {
+            throw new IllegalArgumentException("input must not be null");
+        }
+        if (counts == null) {
+            throw new IllegalArgumentException("counts must not be null (compute(input) uses this call's own counts)");
+        }
+        return Unscoped.call(() -> computeUnscoped(input, counts));
+    }
+
+    private LossResult computeUnscoped(LossInput input, GlobalCounts counts) {
+        // A normaliser given with the input overrides the loss's own for this call.
+        LossSettings settings = input.normalizer == null ? this.settings : this.settings.withNormalizer(input.normalizer);
+        // The step's counts override both; Lnorm defaults to the step's longest (padded: its T).
+        final StepTotals totals = counts == null ? StepTotals.NONE : counts.totals();
+        if (counts != null && settings.lengthNorm() == 0 && counts.longest() > 0) {
+            settings = settings.withLengthNorm(counts.longest());
+        }
+        final LossSettings chosen = settings;
+        return computePrepared(input, chosen, totals);
+    }
+
+    private LossResult computePrepared(LossInput input, LossSettings settings, StepTotals totals) {
         final Tensor deviceTensor = input.logits != null ? input.logits : input.hiddenStates;
         final int cudaDevice = deviceTensor == null || deviceTensor.isNull() ? -1 : CudaChecks.deviceOf(deviceTensor);
         CudaChecks.beforeCall(cudaDevice);
-        // A normaliser given with the input overrides the loss's own for this call.
-        final LossSettings settings = input.normalizer == null ? this.settings : this.settings.withNormalizer(input.normalizer);
         // The hidden-state path: the same pipeline, the logits computed chunk by chunk (FusedLinear).
         try (HiddenStates head = input.hiddenStates == null ? null : HiddenStates.of(input);
                 PreparedInput in = head == null ? PreparedInput.of(input, settings, temperature)
@@ -529,7 +566,7 @@ public final class PolicyLoss {
                     in.translate(() -> FusedLinear.forward(head.rows, head.weight, head.bias, head.chunkRows, in.targets,
                             temperature, settings.checkFinite(), logProbs, lse, entropy));
                 }
-                in.translate(() -> Kernels.policyLoss(device, stream, settings, in.layout, Tensors.floats(logProbs),
+                in.translate(() -> Kernels.policyLoss(device, stream, settings, totals, in.layout, Tensors.floats(logProbs),
                         Tensors.floats(in.oldLogProbs), Tensors.bytes(in.mask), Tensors.floats(in.advantages),
                         in.tokenAdvantages, Tensors.floats(in.refLogProbs), Tensors.floats(entropy), Tensors.floats(value),
                         Tensors.floats(gradLogprob), Tensors.floats(gradEntropy), Tensors.floats(metrics)));

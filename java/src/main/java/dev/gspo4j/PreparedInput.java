@@ -164,6 +164,11 @@ final class PreparedInput implements AutoCloseable {
     private static final String CHECK_FINITE_HINT = " (a counted position: mask it out or fix the value; "
             + "PolicyLoss.Builder.checkFinite(false) lets NaN/Inf flow into the loss instead)";
 
+    /** The converted offsets {@code [B + 1]} (int64), or null in the padded layout. */
+    Tensor offsets() {
+        return offsets;
+    }
+
     static PreparedInput of(LossInput in, LossSettings settings, double temperature) {
         return new PreparedInput(in, in.logits, settings, temperature);
     }

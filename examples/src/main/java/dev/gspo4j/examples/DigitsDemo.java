@@ -2,21 +2,29 @@ package dev.gspo4j.examples;
 
 import dev.gspo4j.AdvantageMode;
 import dev.gspo4j.Advantages;
+import dev.gspo4j.DataParallel;
 import dev.gspo4j.Gspo4j;
 import dev.gspo4j.LossInput;
+import dev.gspo4j.LossMetrics;
 import dev.gspo4j.LossResult;
 import dev.gspo4j.PolicyLoss;
 import java.io.IOException;
 import java.nio.file.Files;
 import java.nio.file.Path;
+import java.time.Duration;
+import java.util.ArrayList;
+import java.util.List;
 import java.util.Locale;
 import java.util.Random;
 import org.bytedeco.openblas.global.openblas_nolapack;
 import org.bytedeco.pytorch.AdamW;
 import org.bytedeco.pytorch.AdamWOptions;
+import org.bytedeco.pytorch.Backend;
 import org.bytedeco.pytorch.EmbeddingImpl;
+import org.bytedeco.pytorch.FileStore;
 import org.bytedeco.pytorch.LinearImpl;
 import org.bytedeco.pytorch.NoGradGuard;
+import org.bytedeco.pytorch.ProcessGroupGloo;
 import org.bytedeco.pytorch.Scalar;
 import org.bytedeco.pytorch.Tensor;
 import org.bytedeco.pytorch.TensorVector;
@@ -118,10 +126,30 @@ public final class DigitsDemo {
 
     /** Trains one policy from `config.seed` with `loss`; prints a progress bar when asked. */
     public static Curve train(String name, PolicyLoss.Builder lossBuilder, Config config, boolean progress) {
+        return train(name, lossBuilder, config, null, progress);
+    }
+
+    /**
+     * {@link #train(String, PolicyLoss.Builder, Config, boolean)} as one rank of a data-parallel
+     * group (null: one process). Every rank starts from the same weights (the same seed), samples
+     * its own share of the step's prompts (its own seed), computes each minibatch's loss with the
+     * counts of all ranks' minibatches ({@link DataParallel#allReduceCounts}), and sums the
+     * gradients over the ranks before the optimizer step, so the ranks keep identical weights and
+     * take the single-process step of the union of their minibatches. The curve is the step's
+     * reward over all ranks, the metrics reduced over all ranks.
+     */
+    public static Curve train(String name, PolicyLoss.Builder lossBuilder, Config config, Backend group, boolean progress) {
+        final int rank = group == null ? 0 : group.getRank();
+        final int ranks = group == null ? 1 : group.getSize();
         torch.manual_seed(config.seed());
-        final Random random = new Random(config.seed());
+        final Random random = new Random(config.seed() + 1_000_003L * rank);
         final PolicyLoss loss = lossBuilder.temperature(config.temperature()).build();
-        final int batch = config.prompts() * config.groupSize();
+        // This rank's prompts: the step's, split as evenly as they go.
+        final int ownPrompts = config.prompts() / ranks + (rank < config.prompts() % ranks ? 1 : 0);
+        if (ownPrompts == 0) {
+            throw new IllegalArgumentException(ranks + " ranks for " + config.prompts() + " prompts: every rank needs one");
+        }
+        final int batch = ownPrompts * config.groupSize();
         final int length = config.length();
         final double[] rewardCurve = new double[config.steps()];
         final double[] clipCurve = new double[config.steps()];
@@ -129,10 +157,14 @@ public final class DigitsDemo {
         final long start = System.nanoTime();
         try (Policy policy = new Policy(length); TensorVector parameters = policy.parameters();
                 AdamW optimizer = new AdamW(parameters, new AdamWOptions(config.learningRate()))) {
+            // Same initial weights on every rank (seeded above); its own samples from here on.
+            if (group != null) {
+                torch.manual_seed(config.seed() + 1_000_003L * rank);
+            }
             for (int step = 0; step < config.steps(); step++) {
                 // 1. Prompts, G responses each.
                 final long[] promptDigits = new long[batch];
-                for (int p = 0; p < config.prompts(); p++) {
+                for (int p = 0; p < ownPrompts; p++) {
                     final int digit = random.nextInt(DIGITS);
                     for (int g = 0; g < config.groupSize(); g++) {
                         promptDigits[p * config.groupSize() + g] = digit;
@@ -154,7 +186,7 @@ public final class DigitsDemo {
                         rewards[b] = (float) hits / length;
                         rewardSum += rewards[b];
                     }
-                    rewardCurve[step] = rewardSum / batch;
+                    rewardCurve[step] = group == null ? rewardSum / batch : globalMean(group, rewardSum, batch);
                     try (Tensor advantages = Tensor.create(Advantages.group(rewards, config.groupSize(), AdvantageMode.MEAN_STD));
                             Tensor oldLogProbs = oldLogProbs(policy, loss, prompts, previous, tokens, advantages)) {
                         // 3. Several minibatch updates on the rollout.
@@ -168,15 +200,26 @@ public final class DigitsDemo {
                                     try (Tensor idx = order.narrow(0, m * size, size); Tensor mp = prompts.index_select(0, idx);
                                             Tensor mprev = previous.index_select(0, idx); Tensor mt = tokens.index_select(0, idx);
                                             Tensor mold = oldLogProbs.index_select(0, idx); Tensor madv = advantages.index_select(0, idx);
-                                            Tensor logits = policy.logits(mp, mprev);
-                                            LossResult result = loss.compute(LossInput.builder().logits(logits).targets(mt)
-                                                    .oldLogProbs(mold).advantages(madv).build())) {
-                                        optimizer.zero_grad();
-                                        result.loss().backward();
-                                        optimizer.step();
-                                        clip += result.metrics().clipFractionLow() + result.metrics().clipFractionHigh();
-                                        kl += result.metrics().approxKl();
-                                        updates++;
+                                            Tensor logits = policy.logits(mp, mprev)) {
+                                        final LossInput input = LossInput.builder().logits(logits).targets(mt).oldLogProbs(mold)
+                                                .advantages(madv).build();
+                                        // Data-parallel: the minibatch's counts over all ranks, one allreduce.
+                                        try (LossResult result = group == null ? loss.compute(input)
+                                                : loss.compute(input, DataParallel.allReduceCounts(group, input, TIMEOUT))) {
+                                            optimizer.zero_grad();
+                                            result.loss().backward();
+                                            if (group != null) {
+                                                allReduceGradients(group, parameters); // the ranks' shares summed
+                                            }
+                                            optimizer.step();
+                                            try (LossMetrics metrics = group == null ? null
+                                                    : DataParallel.reduceMetrics(group, loss, result.metrics(), TIMEOUT)) {
+                                                final LossMetrics reduced = metrics == null ? result.metrics() : metrics;
+                                                clip += reduced.clipFractionLow() + reduced.clipFractionHigh();
+                                                kl += reduced.approxKl();
+                                            }
+                                            updates++;
+                                        }
                                     }
                                 }
                             }
@@ -194,6 +237,41 @@ public final class DigitsDemo {
             System.out.println();
         }
         return new Curve(name, rewardCurve, clipCurve, klCurve, (System.nanoTime() - start) / 1e9);
+    }
+
+    /** Time-out of each collective of a data-parallel run. */
+    static final Duration TIMEOUT = Duration.ofSeconds(60);
+
+    /** The mean over every rank of a sum over `count` values, in one allreduce. */
+    static double globalMean(Backend group, double sum, long count) {
+        try (Tensor both = Tensor.create(new double[] {sum, count})) {
+            DataParallel.allReduceSum(group, both, TIMEOUT);
+            final double[] total = new double[2];
+            both.data_ptr_double().get(total);
+            return total[0] / total[1];
+        }
+    }
+
+    /** Sums every parameter's gradient over the ranks: one allreduce of them all, flattened. */
+    static void allReduceGradients(Backend group, TensorVector parameters) {
+        final long n = parameters.size();
+        try (TensorVector grads = new TensorVector()) {
+            for (long i = 0; i < n; i++) {
+                grads.push_back(parameters.get(i).grad().reshape(-1));
+            }
+            try (Tensor flat = torch.cat(grads)) {
+                DataParallel.allReduceSum(group, flat, TIMEOUT);
+                long offset = 0;
+                for (long i = 0; i < n; i++) {
+                    final Tensor grad = parameters.get(i).grad();
+                    final long size = grad.numel();
+                    try (Tensor part = flat.narrow(0, offset, size); Tensor shaped = part.view_as(grad)) {
+                        grad.copy_(shaped);
+                    }
+                    offset += size;
+                }
+            }
+        }
     }
 
     /** Autoregressive sampling at the given temperature: tokens [B, T]. */
@@ -266,7 +344,7 @@ public final class DigitsDemo {
      * tensors are tiny ([128, 6, 64] activations, ten logits per token), so a parallel region
      * costs more than it saves, and idle OpenMP and OpenBLAS threads spin-wait between ops,
      * taking the CPU from everything else: on the 2-vCPU CI machine kind libtorch's defaults (2
-     * and 2) made the demo 5 to 20x slower than 1 (README, "Threads").
+     * and 2) made the demo 5 to 20x slower than 1 (README, "Threads and processes").
      */
     static int defaultThreads() {
         final String env = System.getenv("OMP_NUM_THREADS");
@@ -291,12 +369,29 @@ public final class DigitsDemo {
         openblas_nolapack.blas_set_num_threads(threads);
     }
 
-    public static void main(String[] args) throws IOException {
+    public static void main(String[] args) throws Exception {
         Config config = Config.defaults();
         Path out = Path.of("target", "demo");
         int threads = defaultThreads();
+        int ranks = 1;
+        int rank = -1; // a child of --ranks: its rank
+        String store = null;
+        // -Ddemo.args="--ranks=2 --steps=100" reaches main as one argument: split it.
+        final List<String> words = new ArrayList<>();
         for (String arg : args) {
-            if (arg.startsWith("--steps=")) {
+            words.addAll(List.of(arg.trim().split("\\s+")));
+        }
+        for (String arg : words) {
+            if (arg.startsWith("--ranks=")) {
+                ranks = Integer.parseInt(arg.substring("--ranks=".length()));
+                if (ranks < 1) {
+                    throw new IllegalArgumentException("--ranks must be at least 1, got " + ranks);
+                }
+            } else if (arg.startsWith("--rank=")) {
+                rank = Integer.parseInt(arg.substring("--rank=".length()));
+            } else if (arg.startsWith("--store=")) {
+                store = arg.substring("--store=".length());
+            } else if (arg.startsWith("--steps=")) {
                 config = config.withSteps(Integer.parseInt(arg.substring("--steps=".length())));
             } else if (arg.startsWith("--out=")) {
                 out = Path.of(arg.substring("--out=".length()));
@@ -306,10 +401,14 @@ public final class DigitsDemo {
                     throw new IllegalArgumentException("--threads must be at least 1, got " + threads);
                 }
             } else if (!arg.isBlank()) {
-                throw new IllegalArgumentException("unknown argument " + arg + " (use --steps=N, --out=DIR, --threads=N)");
+                throw new IllegalArgumentException("unknown argument " + arg + " (use --steps=N, --out=DIR, --threads=N, --ranks=N)");
             }
         }
         useThreads(threads); // before gspo4j's first call: its pool's default follows libtorch's count
+        if (rank >= 0) {
+            runRank(config, rank, ranks, store, out);
+            return;
+        }
         System.out.printf(Locale.ROOT, "gspo4j demo: %d steps, %d prompts x %d responses of %d digits, %d x %d minibatch updates per rollout%n",
                 config.steps(), config.prompts(), config.groupSize(), config.length(), config.epochs(), config.minibatches());
         System.out.printf(Locale.ROOT, "threads: libtorch %d, OpenBLAS %d, gspo4j %d (of %d available processors)%n",
@@ -321,7 +420,80 @@ public final class DigitsDemo {
             System.out.printf(Locale.ROOT, "%s: reward %.3f -> %.3f in %.1f s%n", c.name(), c.startReward(), c.endReward(), c.seconds());
         }
         final Path png = out.resolve("rewards.png");
-        plot(png, gspo, grpo);
+        if (ranks > 1) {
+            final Curve parallel = launchRanks(config, ranks, threads, out);
+            System.out.printf(Locale.ROOT, "%s: reward %.3f -> %.3f in %.1f s%n", parallel.name(), parallel.startReward(),
+                    parallel.endReward(), parallel.seconds());
+            plot(png, gspo, grpo, parallel);
+        } else {
+            plot(png, gspo, grpo);
+        }
         System.out.println("reward curves: " + png);
+    }
+
+    /**
+     * Starts `ranks` JVMs (this classpath) that train GSPO data-parallel over Gloo on 127.0.0.1,
+     * meeting through a FileStore in `out`; returns rank 0's curve (the rewards of all ranks).
+     */
+    static Curve launchRanks(Config config, int ranks, int threads, Path out) throws Exception {
+        Files.createDirectories(out);
+        final Path store = Files.createTempFile(out.toAbsolutePath(), "gloo-", ".store");
+        Files.delete(store); // the FileStore creates it
+        final List<Process> processes = new ArrayList<>();
+        try {
+            for (int r = 0; r < ranks; r++) {
+                final List<String> command = new ArrayList<>(List.of(Path.of(System.getProperty("java.home"), "bin", "java").toString(),
+                        "-Djava.awt.headless=true", "-cp", System.getProperty("java.class.path"), DigitsDemo.class.getName(),
+                        "--rank=" + r, "--ranks=" + ranks, "--store=" + store, "--steps=" + config.steps(), "--threads=" + threads,
+                        "--out=" + out));
+                final ProcessBuilder builder = new ProcessBuilder(command);
+                // Rank 0 shows its progress; the others' output goes to a log each.
+                if (r == 0) {
+                    builder.inheritIO();
+                } else {
+                    builder.redirectErrorStream(true).redirectOutput(out.resolve("rank-" + r + ".log").toFile());
+                }
+                processes.add(builder.start());
+            }
+            for (int r = 0; r < ranks; r++) {
+                final int code = processes.get(r).waitFor();
+                if (code != 0) {
+                    throw new IllegalStateException("rank " + r + " of " + ranks + " exited with " + code
+                            + (r > 0 ? " (see " + out.resolve("rank-" + r + ".log") + ")" : ""));
+                }
+            }
+        } finally {
+            for (Process p : processes) {
+                if (p.isAlive()) {
+                    p.destroyForcibly();
+                }
+            }
+            Files.deleteIfExists(store);
+        }
+        final List<String> lines = Files.readAllLines(out.resolve("rewards-" + ranks + "-ranks.csv"));
+        final double seconds = Double.parseDouble(lines.get(0));
+        final double[] reward = new double[lines.size() - 1];
+        for (int i = 1; i < lines.size(); i++) {
+            reward[i - 1] = Double.parseDouble(lines.get(i));
+        }
+        return new Curve("GSPO, " + ranks + " ranks", reward, new double[reward.length], new double[reward.length], seconds);
+    }
+
+    /** One rank of {@link #launchRanks}: rank 0 writes the curve (first line: seconds). */
+    static void runRank(Config config, int rank, int ranks, String store, Path out) throws IOException {
+        if (store == null) {
+            throw new IllegalArgumentException("--rank needs --store=FILE (the FileStore the ranks meet through)");
+        }
+        try (FileStore fileStore = new FileStore(store, ranks);
+                ProcessGroupGloo group = DataParallel.gloo(fileStore, rank, ranks, "127.0.0.1", TIMEOUT)) {
+            final Curve curve = train("GSPO x" + ranks, PolicyLoss.gspo(), config, group, rank == 0);
+            if (rank == 0) {
+                final StringBuilder csv = new StringBuilder().append(curve.seconds()).append('\n');
+                for (double r : curve.reward()) {
+                    csv.append(r).append('\n');
+                }
+                Files.writeString(out.resolve("rewards-" + ranks + "-ranks.csv"), csv);
+            }
+        }
     }
 }

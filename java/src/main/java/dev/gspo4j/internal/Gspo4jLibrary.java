@@ -100,6 +100,12 @@ final class Gspo4jLibrary {
         native LossConfig dppo_delta_high(double value);
         native double dppo_ratio_cap();
         native LossConfig dppo_ratio_cap(double value);
+        native double responses_total();
+        native LossConfig responses_total(double value);
+        native double tokens_total();
+        native LossConfig tokens_total(double value);
+        native double batch_total();
+        native LossConfig batch_total(double value);
     }
 
     static native @Cast("const char*") BytePointer gspo4j_last_error();

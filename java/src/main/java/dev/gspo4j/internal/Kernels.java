@@ -206,8 +206,20 @@ public final class Kernels {
             FloatPointer logprob, FloatPointer oldLogprob, BytePointer mask, FloatPointer advantages,
             boolean advantagesPerToken, FloatPointer refLogprob, FloatPointer entropy, FloatPointer loss,
             FloatPointer gradLogprob, FloatPointer gradEntropy, FloatPointer metrics) {
+        policyLoss(device, stream, settings, StepTotals.NONE, layout, logprob, oldLogprob, mask, advantages, advantagesPerToken,
+                refLogprob, entropy, loss, gradLogprob, gradEntropy, metrics);
+    }
+
+    /** {@link #policyLoss(Device, Pointer, LossSettings, TokenLayout, FloatPointer, FloatPointer, BytePointer,
+     * FloatPointer, boolean, FloatPointer, FloatPointer, FloatPointer, FloatPointer, FloatPointer, FloatPointer)}
+     * with the counts of a whole step replacing this call's own denominators. */
+    public static void policyLoss(Device device, Pointer stream, LossSettings settings, StepTotals totals, TokenLayout layout,
+            FloatPointer logprob, FloatPointer oldLogprob, BytePointer mask, FloatPointer advantages,
+            boolean advantagesPerToken, FloatPointer refLogprob, FloatPointer entropy, FloatPointer loss,
+            FloatPointer gradLogprob, FloatPointer gradEntropy, FloatPointer metrics) {
         checkDevice(device, stream);
         Checks.notNull(settings, "settings");
+        Checks.notNull(totals, "totals");
         Checks.notNull(layout, "layout");
         if (settings.ratioLevel() == RatioLevel.SEQUENCE && advantagesPerToken) {
             throw new IllegalArgumentException(
@@ -257,6 +269,9 @@ public final class Kernels {
                     .dppo_delta_low(objective.dppoDeltaLow())
                     .dppo_delta_high(objective.dppoDeltaHigh())
                     .dppo_ratio_cap(objective.dppoRatioCap());
+            config.responses_total(totals.responses())
+                    .tokens_total(totals.tokens())
+                    .batch_total(totals.batch());
             check(Gspo4jLibrary.gspo4j_policy_loss(device.code, stream, config, layout.batch(), layout.seq(), tokens,
                     layout.offsets(), logprob, oldLogprob, mask, advantages, advantagesPerToken ? 1 : 0, refLogprob,
                     entropy, loss, gradLogprob, gradEntropy, metrics));
