@@ -983,6 +983,13 @@ void policy_loss_section() {
             const Batch b = make_batch(5, kl % 2 == 0, 0.3);
             if (selected("policy_loss kl " + describe(c, b, false, false), false)) policy_loss_case(c, b, false, false, true, true);
         }
+        // verl's low_var_kl at and beyond its bound: ref - lp pushed up to 6 (k3 up to ~400 > 10).
+        gspo4j_loss_config c = loss_config(level, GSPO4J_SEQ_MEAN_TOKEN_MEAN, 1);
+        c.kl_estimator = GSPO4J_KL_LOW_VAR;
+        c.kl_coef = 0.2;
+        Batch b = make_batch(5, level != GSPO4J_RATIO_TOKEN, 0.3);
+        for (size_t i = 0; i < b.ref_logprob.size(); ++i) b.ref_logprob[i] += static_cast<float>(i % 7);
+        if (selected("policy_loss kl clamped " + describe(c, b, false, false), false)) policy_loss_case(c, b, false, false, true, true);
     }
     // The further objectives (docs/math.md "Further objectives"), each at the ratio levels it takes, with
     // every KL estimator in turn, padded and packed, on and off policy.

@@ -147,6 +147,8 @@ public final class CudaEmulatorProbe {
                 ScalarType.BFloat16, Layout.PADDED, true, false);
         lossCase("SAPO abs-kl", PolicyLoss.sapo().kl(0.05, KlEstimator.ABS).entropyCoefficient(0.01), odd, ScalarType.Half,
                 Layout.STRIDED, false, false);
+        lossCase("GSPO-token low_var_kl", PolicyLoss.gspoToken().kl(0.05, KlEstimator.LOW_VAR_KL), odd, ScalarType.Float,
+                Layout.PACKED, true, false);
         lossCase("GMPO", PolicyLoss.gmpo().clip(0.1, 0.1).entropyCoefficient(0.01), odd, ScalarType.Float, Layout.PADDED, false, false);
         lossCase("LUSPO dual-clip", PolicyLoss.luspo().dualClip(2).kl(0.05, KlEstimator.K2), small, ScalarType.Float, Layout.PACKED,
                 false, false);

@@ -146,6 +146,22 @@ public class ObjectivesTest {
 
     @ParameterizedTest(name = "{0}")
     @MethodSource("allObjectives")
+    void lowVarKlAtAndBeyondItsBound(Case o) {
+        // verl's low_var_kl: ref - lp pushed up by 0..6 so that k3 crosses 10 (d of about 2.53) on
+        // many tokens: value min(k3, 10), no KL gradient beyond the bound; every dtype.
+        for (ScalarType type : new ScalarType[] {ScalarType.Float, ScalarType.BFloat16, ScalarType.Half}) {
+            final Batch batch = new Batch(700, 5, 6, 29, 0.3);
+            for (int i = 0; i < batch.refValues.length; i++) {
+                batch.refValues[i] += (float) (i % 7);
+            }
+            compare(o.name + " LOW_VAR_KL", o.builder.get().kl(0.2, KlEstimator.LOW_VAR_KL).build(), batch, type, o.tokenAdvantages, false);
+            compare(o.name + " LOW_VAR_KL on-policy", o.builder.get().kl(0.2, KlEstimator.LOW_VAR_KL).build(), batch, type,
+                    o.tokenAdvantages, true);
+        }
+    }
+
+    @ParameterizedTest(name = "{0}")
+    @MethodSource("allObjectives")
     void compositeMatchesFloat64FiniteDifferences(Case o) {
         // The reference itself: autograd of the float64 composite against central differences of its
         // value, every stop-gradient factor frozen at the base point.
