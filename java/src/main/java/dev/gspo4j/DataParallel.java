@@ -58,6 +58,12 @@ public final class DataParallel {
      * address ("127.0.0.1" for one machine), every collective and the rendezvous itself bounded by
      * {@code timeout}. Blocks until every rank has joined.
      *
+     * @param store the rendezvous store every rank opens ({@code FileStore} or {@code TCPStore})
+     * @param rank this process's rank, in [0, size)
+     * @param size the number of ranks
+     * @param hostname the address Gloo's transport binds to
+     * @param timeout the bound of the rendezvous and of every collective
+     * @return the process group; the caller closes it
      * @throws DataParallelException when a rank does not join within the time-out
      */
     public static ProcessGroupGloo gloo(Store store, int rank, int size, String hostname, Duration timeout) {
@@ -81,7 +87,13 @@ public final class DataParallel {
         }
     }
 
-    /** This call's own counts (no collective): for gradient accumulation, {@link GlobalCounts#plus} adds them up. */
+    /**
+     * This call's own counts (no collective): for gradient accumulation, {@link GlobalCounts#plus}
+     * adds them up.
+     *
+     * @param input one call's input, checked as {@link PolicyLoss#compute} checks it
+     * @return its counts
+     */
     public static GlobalCounts localCounts(LossInput input) {
         return Unscoped.call(() -> {
             try (Tensor local = localCountTensor(input); Tensor cpu = local.cpu(); Tensor c = cpu.contiguous()) {
@@ -99,6 +111,10 @@ public final class DataParallel {
      * {@link LossInput.Builder#ignoreIndex} applied), Lnorm's default is the largest T (padded) or the
      * longest response (packed) of any rank. The input is checked as {@link PolicyLoss#compute} checks it.
      *
+     * @param group the c10d process group (Gloo or NCCL backend) of the data-parallel ranks
+     * @param input this rank's input
+     * @param timeout the bound of the allreduce
+     * @return the step's counts, the same on every rank
      * @throws DataParallelException when the allreduce fails or does not finish within {@code timeout}
      */
     public static GlobalCounts allReduceCounts(Backend group, LossInput input, Duration timeout) {
@@ -114,6 +130,13 @@ public final class DataParallel {
     /**
      * {@link #allReduceCounts(Backend, LossInput, Duration)} from the mask alone: padded {@code [B, T]}
      * with {@code offsets} null, or packed {@code [N]} with {@code offsets} {@code [B + 1]}.
+     *
+     * @param group the c10d process group of the data-parallel ranks
+     * @param mask this rank's 0/1 mask, {@code [B, T]} or {@code [N]}
+     * @param offsets {@code [B + 1]} int64 token offsets of a packed batch, or null (padded)
+     * @param timeout the bound of the allreduce
+     * @return the step's counts, the same on every rank
+     * @throws DataParallelException when the allreduce fails or does not finish within {@code timeout}
      */
     public static GlobalCounts allReduceCounts(Backend group, Tensor mask, Tensor offsets, Duration timeout) {
         requireGroup(group);
@@ -154,6 +177,11 @@ public final class DataParallel {
      * are summed exactly. The same numbers as one call on the whole batch, up to float32 rounding.
      * The caller closes the result.
      *
+     * @param group the c10d process group of the data-parallel ranks
+     * @param loss the loss whose call produced {@code metrics}
+     * @param metrics this rank's metrics
+     * @param timeout the bound of the allreduce
+     * @return the step's metrics
      * @throws DataParallelException when the allreduce fails or does not finish within {@code timeout}
      */
     public static LossMetrics reduceMetrics(Backend group, PolicyLoss loss, LossMetrics metrics, Duration timeout) {
@@ -348,6 +376,9 @@ public final class DataParallel {
      * the ranks' shares, after backward, to give the single-process gradient. The tensor must be
      * dense and contiguous, on the device the backend serves (Gloo: CPU; NCCL: this rank's GPU).
      *
+     * @param group the c10d process group of the data-parallel ranks
+     * @param tensor summed in place
+     * @param timeout the bound of the allreduce
      * @throws DataParallelException when the allreduce fails or does not finish within {@code timeout}
      */
     public static void allReduceSum(Backend group, Tensor tensor, Duration timeout) {

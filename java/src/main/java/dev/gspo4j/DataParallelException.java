@@ -9,6 +9,12 @@ package dev.gspo4j;
 public final class DataParallelException extends RuntimeException {
     private static final long serialVersionUID = 1L;
 
+    /**
+     * A failure of a collective.
+     *
+     * @param message the operation, the rank, the group's size and the time-out
+     * @param cause c10d's own error, or null
+     */
     public DataParallelException(String message, Throwable cause) {
         super(message, cause);
     }

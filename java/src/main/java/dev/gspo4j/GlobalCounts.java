@@ -22,6 +22,14 @@ public record GlobalCounts(long responses, long tokens, long batch, long longest
     /** Largest count: float64 holds every integer up to 2^53 exactly, and the kernels divide in float64. */
     static final long MAX = 1L << 53;
 
+    /**
+     * Checks each count: in [0, 2^53], and {@code responses <= batch}.
+     *
+     * @param responses B'
+     * @param tokens the counted tokens
+     * @param batch B
+     * @param longest Lnorm's default
+     */
     public GlobalCounts {
         require(responses, "responses");
         require(tokens, "tokens");
@@ -43,7 +51,12 @@ public record GlobalCounts(long responses, long tokens, long batch, long longest
         }
     }
 
-    /** The counts of two parts of one step (micro-batches): the sums, and the larger longest. */
+    /**
+     * The counts of two parts of one step (micro-batches): the sums, and the larger longest.
+     *
+     * @param other the other part's counts
+     * @return the counts of both parts
+     */
     public GlobalCounts plus(GlobalCounts other) {
         if (other == null) {
             throw new IllegalArgumentException("other must not be null");

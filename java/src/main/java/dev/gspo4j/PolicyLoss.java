@@ -508,8 +508,10 @@ public final class PolicyLoss {
      * up to the step's loss: sum the ranks' gradients (see {@link DataParallel} for the contract).
      * The counts take precedence over a {@link LossInput.Builder#normalizer}.
      *
+     * @param input this call's input, as for {@link #compute(LossInput)}
      * @param counts the step's counts, from {@link DataParallel#allReduceCounts} or summed with
      *     {@link GlobalCounts#plus}; each at least this call's own (the CPU kernels check)
+     * @return this call's share of the step's loss, its log-probs, entropy and metrics
      */
     public LossResult compute(LossInput input, GlobalCounts counts) {
         if (input == null) {
