@@ -1,5 +1,7 @@
 package dev.gspo4j.internal;
 
+import static dev.gspo4j.internal.GraphTokens.keep;
+
 import dev.gspo4j.Gspo4jException;
 import java.util.ArrayList;
 import java.util.Arrays;
@@ -53,12 +55,11 @@ public final class FusedLinear implements LossGraph {
 
     private static final Map<Long, FusedLinear> LIVE_GRAPHS = new ConcurrentHashMap<>();
     private static final Map<Long, FusedLinear> BY_ONE = new ConcurrentHashMap<>();
-    private static final Map<Long, Tensor> TOKEN_MEMORY = new ConcurrentHashMap<>();
 
     private static final PointerConsumer GRAPH_DROPPED = Unscoped.call(() -> new PointerConsumer() {
         @Override
         public void call(Pointer data) {
-            freeTokenMemory(data);
+            GraphTokens.freeTokenMemory(data);
             final FusedLinear state = LIVE_GRAPHS.get(data.address());
             if (state != null) {
                 state.close();
@@ -69,7 +70,7 @@ public final class FusedLinear implements LossGraph {
     private static final PointerConsumer ONE_RELEASED = Unscoped.call(() -> new PointerConsumer() {
         @Override
         public void call(Pointer data) {
-            freeTokenMemory(data);
+            GraphTokens.freeTokenMemory(data);
             final FusedLinear state = BY_ONE.get(data.address());
             if (state != null) {
                 state.lastBackward = true;
@@ -77,12 +78,6 @@ public final class FusedLinear implements LossGraph {
         }
     });
 
-    private static void freeTokenMemory(Pointer data) {
-        final Tensor memory = TOKEN_MEMORY.remove(data.address());
-        if (memory != null) {
-            memory.close();
-        }
-    }
 
     private static final int HIDDEN = 0;
     private static final int WEIGHT = 1;
@@ -463,10 +458,10 @@ public final class FusedLinear implements LossGraph {
         try (AutoGradMode gradMode = new AutoGradMode(true); Scalar zeroScalar = new Scalar(0.0);
                 TensorOptions base = weight.options(); ScalarTypeOptional float32 = new ScalarTypeOptional(ScalarType.Float);
                 TensorOptions options = base.dtype(float32)) {
-            final Tensor anchorBase = keep(made, token(0.0, GRAPH_DROPPED, options));
+            final Tensor anchorBase = keep(made, GraphTokens.token(0.0, GRAPH_DROPPED, options));
             anchorAddress = anchorBase.data_ptr().address();
             LIVE_GRAPHS.put(anchorAddress, this);
-            final Tensor one = keep(made, token(1.0, ONE_RELEASED, options));
+            final Tensor one = keep(made, GraphTokens.token(1.0, ONE_RELEASED, options));
             oneAddress = one.data_ptr().address();
             BY_ONE.put(oneAddress, this);
             final Tensor anchor = keep(made, anchorBase.set_requires_grad(true));
@@ -498,12 +493,7 @@ public final class FusedLinear implements LossGraph {
                 };
                 hooks.add(gradientHook);
                 alias.register_hook(gradientHook);
-                final Tensor zero = keep(made, torch.torch__efficientzerotensor(new long[0], caller.options()));
-                final Tensor zeros = keep(made, alias.mul(zero));
-                final Tensor flat = keep(made, zeros.view(-1));
-                final Tensor zeroFlat = keep(made, torch.torch__efficientzerotensor(new long[] {flat.size(0)}, caller.options()));
-                final Tensor dot = keep(made, flat.dot(zeroFlat));
-                final Tensor asFloat = keep(made, dot.to(ScalarType.Float));
+                final Tensor asFloat = GraphTokens.zeroDot(made, alias, caller);
                 sum = sum == null ? asFloat : keep(made, sum.add(asFloat));
             }
             final VoidTensorHook upstreamHook = new VoidTensorHook() {
@@ -539,26 +529,7 @@ public final class FusedLinear implements LossGraph {
         }
     }
 
-    private static Tensor token(double value, PointerConsumer deleter, TensorOptions options) {
-        final Tensor memory;
-        try (Scalar v = new Scalar(value)) {
-            memory = torch.full(new long[] {1}, v, options);
-        }
-        final Pointer data = memory.data_ptr();
-        TOKEN_MEMORY.put(data.address(), memory);
-        try {
-            return torch.from_blob(data, new long[0], deleter, options);
-        } catch (RuntimeException | Error e) {
-            TOKEN_MEMORY.remove(data.address());
-            memory.close();
-            throw e;
-        }
-    }
 
-    private static Tensor keep(List<Pointer> made, Tensor t) {
-        made.add(t);
-        return t;
-    }
 
     // A backward reached the upstream hook: the gradients are computed afresh (retain_graph).
     private synchronized void newBackward() {

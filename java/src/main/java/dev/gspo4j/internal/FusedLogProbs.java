@@ -1,5 +1,7 @@
 package dev.gspo4j.internal;
 
+import static dev.gspo4j.internal.GraphTokens.keep;
+
 import dev.gspo4j.Gspo4jException;
 import java.util.ArrayList;
 import java.util.Arrays;
@@ -74,16 +76,13 @@ public final class FusedLogProbs implements LossGraph {
     private static final Map<Long, FusedLogProbs> LIVE_GRAPHS = new ConcurrentHashMap<>();
     // The same states by the address of their {@code one}'s memory.
     private static final Map<Long, FusedLogProbs> BY_ONE = new ConcurrentHashMap<>();
-    // The memory behind every live token, freed by the token's deleter alone (a node may still read
-    // the token after the state is released). On the logits' device, where the graph's nodes run.
-    private static final Map<Long, Tensor> TOKEN_MEMORY = new ConcurrentHashMap<>();
 
     /** Called by libtorch when a graph drops its anchor: the graph itself is gone. */
     // Made outside any caller's PointerScope (see Unscoped): they live as long as the class.
     private static final PointerConsumer GRAPH_DROPPED = Unscoped.call(() -> new PointerConsumer() {
         @Override
         public void call(Pointer data) {
-            freeTokenMemory(data);
+            GraphTokens.freeTokenMemory(data);
             final FusedLogProbs state = LIVE_GRAPHS.get(data.address());
             if (state != null) {
                 state.close();
@@ -98,7 +97,7 @@ public final class FusedLogProbs implements LossGraph {
     private static final PointerConsumer ONE_RELEASED = Unscoped.call(() -> new PointerConsumer() {
         @Override
         public void call(Pointer data) {
-            freeTokenMemory(data);
+            GraphTokens.freeTokenMemory(data);
             final FusedLogProbs state = BY_ONE.get(data.address());
             if (state != null) {
                 state.lastBackward = true;
@@ -106,12 +105,6 @@ public final class FusedLogProbs implements LossGraph {
         }
     });
 
-    private static void freeTokenMemory(Pointer data) {
-        final Tensor memory = TOKEN_MEMORY.remove(data.address());
-        if (memory != null) {
-            memory.close();
-        }
-    }
 
     // The caller's logits: the graph attaches to this tensor, and its metadata is checked against
     // the snapshot below; the kernels never read through it.
@@ -497,10 +490,10 @@ public final class FusedLogProbs implements LossGraph {
         try (AutoGradMode gradMode = new AutoGradMode(true); Scalar zeroScalar = new Scalar(0.0);
                 TensorOptions base = callerLogits.options(); ScalarTypeOptional float32 = new ScalarTypeOptional(ScalarType.Float);
                 TensorOptions options = base.dtype(float32)) {
-            final Tensor anchorBase = keep(made, token(0.0, GRAPH_DROPPED, options));
+            final Tensor anchorBase = keep(made, GraphTokens.token(0.0, GRAPH_DROPPED, options));
             anchorAddress = anchorBase.data_ptr().address();
             LIVE_GRAPHS.put(anchorAddress, this);
-            final Tensor one = keep(made, token(1.0, ONE_RELEASED, options));
+            final Tensor one = keep(made, GraphTokens.token(1.0, ONE_RELEASED, options));
             oneAddress = one.data_ptr().address();
             BY_ONE.put(oneAddress, this);
             final Tensor anchor = keep(made, anchorBase.set_requires_grad(true));
@@ -518,12 +511,7 @@ public final class FusedLogProbs implements LossGraph {
             alias.register_hook(gradientHook);
             // Zero tensors in the logits' dtype: the product and the dot only compute metadata, and
             // their backwards return zero tensors too, so neither direction reads the logits.
-            final Tensor zero = keep(made, torch.torch__efficientzerotensor(new long[0], callerLogits.options()));
-            final Tensor zeros = keep(made, alias.mul(zero));
-            final Tensor flat = keep(made, zeros.view(-1));
-            final Tensor zeroFlat = keep(made, torch.torch__efficientzerotensor(new long[] {flat.size(0)}, callerLogits.options()));
-            final Tensor dot = keep(made, flat.dot(zeroFlat));
-            final Tensor attached = keep(made, dot.to(ScalarType.Float));
+            final Tensor attached = GraphTokens.zeroDot(made, alias, callerLogits);
             upstreamHook = new VoidTensorHook() {
                 @Override
                 public void call(TensorBase grad) {
@@ -557,27 +545,7 @@ public final class FusedLogProbs implements LossGraph {
         }
     }
 
-    /** A 0-dim float32 tensor holding {@code value} over memory of ours, with a deleter. */
-    private static Tensor token(double value, PointerConsumer deleter, TensorOptions options) {
-        final Tensor memory;
-        try (Scalar v = new Scalar(value)) {
-            memory = torch.full(new long[] {1}, v, options);
-        }
-        final Pointer data = memory.data_ptr();
-        TOKEN_MEMORY.put(data.address(), memory);
-        try {
-            return torch.from_blob(data, new long[0], deleter, options);
-        } catch (RuntimeException | Error e) {
-            TOKEN_MEMORY.remove(data.address());
-            memory.close();
-            throw e;
-        }
-    }
 
-    private static Tensor keep(List<Pointer> made, Tensor t) {
-        made.add(t);
-        return t;
-    }
 
     /** The gradient hook's body: the fused gradient scaled by the recorded upstream gradient. */
     private Tensor sendGradient() {

@@ -106,21 +106,17 @@ public final class GradientPool {
         if (bytes == 0) {
             return Tensors.empty(shape, type, like);
         }
-        Block block;
+        final boolean poolable;
+        final Block idle;
         synchronized (LOCK) {
-            if (bytes > limit) {
-                block = null;
-            } else {
-                block = takeIdle(bytes);
-                reused += block != null ? 1 : 0;
-            }
+            poolable = bytes <= limit;
+            idle = poolable ? takeIdle(bytes) : null;
+            reused += idle != null ? 1 : 0;
         }
-        if (block == null && bytes > limit()) {
+        if (!poolable) {
             return Tensors.empty(shape, type, like); // too large to keep: an ordinary allocation
         }
-        if (block == null) {
-            block = allocate(bytes, like);
-        }
+        final Block block = idle != null ? idle : allocate(bytes, like);
         try (TensorOptions base = like.options(); ScalarTypeOptional dtype = new ScalarTypeOptional(type);
                 TensorOptions options = base.dtype(dtype)) {
             synchronized (LOCK) {

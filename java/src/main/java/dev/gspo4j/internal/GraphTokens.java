@@ -1,0 +1,69 @@
+package dev.gspo4j.internal;
+
+import java.util.List;
+import java.util.Map;
+import java.util.concurrent.ConcurrentHashMap;
+import org.bytedeco.javacpp.Pointer;
+import org.bytedeco.pytorch.PointerConsumer;
+import org.bytedeco.pytorch.Scalar;
+import org.bytedeco.pytorch.Tensor;
+import org.bytedeco.pytorch.TensorOptions;
+import org.bytedeco.pytorch.global.torch;
+import org.bytedeco.pytorch.global.torch.ScalarType;
+
+/**
+ * The pieces both fused graphs ({@link FusedLogProbs}, {@link FusedLinear}) build from: one-element
+ * tokens over memory of ours whose deleter tells when libtorch drops them, and the attachment of a
+ * tensor to the graph through storage-less zero tensors (see FusedLogProbs for the whole design).
+ */
+final class GraphTokens {
+    // The memory behind every live token, freed by the token's deleter alone (a node may still read
+    // the token after the state is released). On the device where the graph's nodes run.
+    private static final Map<Long, Tensor> TOKEN_MEMORY = new ConcurrentHashMap<>();
+
+    private GraphTokens() {}
+
+    /** A 0-dim float32 tensor holding {@code value} over memory of ours, with {@code deleter}. */
+    static Tensor token(double value, PointerConsumer deleter, TensorOptions options) {
+        final Tensor memory;
+        try (Scalar v = new Scalar(value)) {
+            memory = torch.full(new long[] {1}, v, options);
+        }
+        final Pointer data = memory.data_ptr();
+        TOKEN_MEMORY.put(data.address(), memory);
+        try {
+            return torch.from_blob(data, new long[0], deleter, options);
+        } catch (RuntimeException | Error e) {
+            TOKEN_MEMORY.remove(data.address());
+            memory.close();
+            throw e;
+        }
+    }
+
+    /** The deleter's first step: frees the memory behind the token at {@code data}. */
+    static void freeTokenMemory(Pointer data) {
+        final Tensor memory = TOKEN_MEMORY.remove(data.address());
+        if (memory != null) {
+            memory.close();
+        }
+    }
+
+    static Tensor keep(List<Pointer> made, Tensor t) {
+        made.add(t);
+        return t;
+    }
+
+    /**
+     * {@code float(dot(view(-1, alias * Z), Z'))}: exactly 0, differentiable in {@code alias}, with
+     * zero tensors in {@code like}'s dtype so that neither direction reads or allocates [N, V].
+     * Every intermediate goes to {@code made}.
+     */
+    static Tensor zeroDot(List<Pointer> made, Tensor alias, Tensor like) {
+        final Tensor zero = keep(made, torch.torch__efficientzerotensor(new long[0], like.options()));
+        final Tensor zeros = keep(made, alias.mul(zero));
+        final Tensor flat = keep(made, zeros.view(-1));
+        final Tensor zeroFlat = keep(made, torch.torch__efficientzerotensor(new long[] {flat.size(0)}, like.options()));
+        final Tensor dot = keep(made, flat.dot(zeroFlat));
+        return keep(made, dot.to(ScalarType.Float));
+    }
+}
