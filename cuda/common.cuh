@@ -49,6 +49,7 @@ enum class DataError : int {
     kNonFiniteRewards,
     kNonFiniteValues,
     kGroupOfOne,
+    kNonFiniteRolloutLogprob,
     kCount
 };
 

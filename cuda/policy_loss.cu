@@ -46,11 +46,33 @@ struct FiniteChecks {
     const float* entropy;
 };
 
-// Pass 1, one CTA per response: L_b, the span, the mean log-ratio, and the data checks.
+// The token weights' inputs of the first pass (rollout correction, top-entropy selection).
+struct WeightInputs {
+    math::Weights weights;
+    const float* advantages;  // A_b for the off-policy mask (per response), or null
+};
+
+// A response's WeightSums over its CTA, each field a fixed-shape tree.
+__device__ math::WeightSums block_reduce_weights(const math::WeightSums& own, double* shared) {
+    math::WeightSums total;
+    total.mismatch = block_reduce(own.mismatch, Add(), 0.0, shared);
+    total.divergence = block_reduce(own.divergence, Add(), 0.0, shared);
+    total.divergence_max = block_reduce(own.divergence_max, Max(), -static_cast<double>(INFINITY), shared);
+    total.behaviour_gap = block_reduce(own.behaviour_gap, Add(), 0.0, shared);
+    total.token_factor = block_reduce(own.token_factor, Add(), 0.0, shared);
+    total.kept_factor = block_reduce(own.kept_factor, Add(), 0.0, shared);
+    total.zero_tokens = block_reduce(own.zero_tokens, Add(), 0.0, shared);
+    total.kept = block_reduce(own.kept, Add(), 0.0, shared);
+    total.k3 = block_reduce(own.k3, Add(), 0.0, shared);
+    return total;
+}
+
+// Pass 1, one CTA per response: L_b, the span, the mean log-ratio, the weights' factors, and the
+// data checks.
 __global__ void __launch_bounds__(kResponseThreads) response_stats_kernel(DeviceLayout layout, const float* __restrict__ logprob,
                                                                           const float* __restrict__ old_logprob,
                                                                           const uint8_t* __restrict__ mask, FiniteChecks checks,
-                                                                          GeometricInputs geometric,
+                                                                          GeometricInputs geometric, WeightInputs weight_in,
                                                                           ErrorRecord record, ResponseStats* __restrict__ stats,
                                                                           float* __restrict__ log_ratio_out,
                                                                           float* __restrict__ lengths_out) {
@@ -65,12 +87,19 @@ __global__ void __launch_bounds__(kResponseThreads) response_stats_kernel(Device
         double sum = 0.0;
         double geometric_sum = 0.0;
         const double advantage = geometric.advantages ? static_cast<double>(geometric.advantages[b]) : 0.0;
+        const bool weighted = weight_in.weights.any();
+        math::WeightSums weight_sums;
         for (int64_t i = begin + threadIdx.x; i < end; i += kResponseThreads) {
             if (!counted(mask, i)) continue;
             ++count;
+            if (weighted) {
+                const double lp = logprob[i];
+                weight_sums.add_token(geometric.config, weight_in.weights, lp, old_logprob ? static_cast<double>(old_logprob[i]) : lp, i);
+            }
             if (checks.enabled) {
                 require_finite(logprob, i, DataError::kNonFiniteLogprob, record);
                 require_finite(old_logprob, i, DataError::kNonFiniteOldLogprob, record);
+                require_finite(weight_in.weights.rollout_logprob, i, DataError::kNonFiniteRolloutLogprob, record);
                 if (checks.advantages_per_token) require_finite(checks.advantages, i, DataError::kNonFiniteAdvantages, record);
                 require_finite(checks.ref_logprob, i, DataError::kNonFiniteRefLogprob, record);
                 require_finite(checks.entropy, i, DataError::kNonFiniteEntropy, record);
@@ -85,12 +114,21 @@ __global__ void __launch_bounds__(kResponseThreads) response_stats_kernel(Device
         const long long length = block_reduce(count, Add(), 0LL, shared_count);
         const double total = block_reduce(sum, Add(), 0.0, shared);
         const double geometric_total = geometric.advantages ? block_reduce(geometric_sum, Add(), 0.0, shared) : 0.0;
+        math::WeightSums weight_total;
+        if (weighted) weight_total = block_reduce_weights(weight_sums, shared);
         if (threadIdx.x == 0) {
             const double log_ratio = length > 0 ? total / static_cast<double>(length) : 0.0;
             if (checks.enabled && checks.advantages_per_response && length > 0) {
                 require_finite(checks.advantages, b, DataError::kNonFiniteAdvantages, record);
             }
-            if (stats) stats[b] = ResponseStats{math::ResponseSums{length, total, geometric_total}, end - begin};
+            if (stats) {
+                ResponseStats out{math::ResponseSums{length, total, geometric_total, math::ResponseWeights()}, end - begin};
+                if (weighted) {
+                    const double a = weight_in.advantages && length > 0 ? static_cast<double>(weight_in.advantages[b]) : 0.0;
+                    out.sums.weights = math::response_weights(geometric.config, weight_total, length, a);
+                }
+                stats[b] = out;
+            }
             if (log_ratio_out) log_ratio_out[b] = static_cast<float>(log_ratio);
             if (lengths_out) lengths_out[b] = static_cast<float>(length);
         }
@@ -98,20 +136,36 @@ __global__ void __launch_bounds__(kResponseThreads) response_stats_kernel(Device
 }
 
 // Pass 2, one CTA: B', the token count, the longest response, and the denominators.
+// Pass 2, one CTA: B', the token count, the longest response, the denominators, and the weights'
+// metric totals (`weight_totals` null without weights).
 __global__ void __launch_bounds__(kTotalThreads) scales_kernel(gspo4j_loss_config config, DeviceLayout layout,
                                                                const ResponseStats* __restrict__ stats,
-                                                               math::Scales* __restrict__ scales) {
+                                                               math::Scales* __restrict__ scales,
+                                                               math::WeightTotals* __restrict__ weight_totals) {
     GSPO4J_SHARED(long long, shared, 32);
+    GSPO4J_SHARED(double, shared_double, 32);
     if (layout.rejected()) return;
     long long responses = 0, tokens = 0, longest = 0;
+    math::WeightTotals weights;
     for (int64_t b = threadIdx.x; b < layout.batch; b += kTotalThreads) {
         responses += stats[b].sums.length > 0 ? 1 : 0;
         tokens += stats[b].sums.length;
         longest = stats[b].span > longest ? stats[b].span : longest;
+        if (weight_totals) weights.add(stats[b].sums);
     }
     responses = block_reduce(responses, Add(), 0LL, shared);
     tokens = block_reduce(tokens, Add(), 0LL, shared);
     longest = block_reduce(longest, Max(), 0LL, shared);
+    if (weight_totals) {
+        math::WeightTotals total;
+        total.rollout_sum = block_reduce(weights.rollout_sum, Add(), 0.0, shared_double);
+        total.zero_tokens = block_reduce(weights.zero_tokens, Add(), 0.0, shared_double);
+        total.zero_responses = block_reduce(weights.zero_responses, Add(), 0.0, shared_double);
+        total.kept = block_reduce(weights.kept, Add(), 0.0, shared_double);
+        total.k1 = block_reduce(weights.k1, Add(), 0.0, shared_double);
+        total.k3 = block_reduce(weights.k3, Add(), 0.0, shared_double);
+        if (threadIdx.x == 0) *weight_totals = total;
+    }
     if (threadIdx.x == 0) {
         *scales = math::aggregation_scales(config, layout.offsets != nullptr, layout.batch, layout.seq, responses, tokens, longest);
     }
@@ -144,6 +198,7 @@ struct LossInputs {
     bool advantages_per_token;
     const float* ref_logprob;
     const float* entropy;
+    math::Weights weights;
 };
 
 // Pass 3, one CTA per response: the per-token coefficients and the response's partial sums, by
@@ -180,8 +235,8 @@ __global__ void __launch_bounds__(kResponseThreads, 2) coefficients_kernel(gspo4
                 continue;
             }
             const double advantage = in.advantages_per_token ? in.advantages[i] : in.advantages[b];
-            math::counted_token(config, clip, response, i, in.logprob, in.old_logprob, advantage, in.ref_logprob, in.entropy, own,
-                                grad_logprob, grad_entropy);
+            math::counted_token(config, clip, response, i, in.logprob, in.old_logprob, advantage, in.ref_logprob, in.entropy,
+                                in.weights, own, grad_logprob, grad_entropy);
         }
         const math::Partial total = block_reduce_partial(own, shared);
         if (threadIdx.x == 0) partials[b] = total;
@@ -191,14 +246,18 @@ __global__ void __launch_bounds__(kResponseThreads, 2) coefficients_kernel(gspo4
 // Pass 4, one CTA: the responses' partial sums in a fixed order, the loss and the metrics.
 __global__ void __launch_bounds__(kTotalThreads) finish_kernel(gspo4j_loss_config config, DeviceLayout layout,
                                                                const math::Partial* __restrict__ partials,
-                                                               const math::Scales* __restrict__ scales, float* __restrict__ loss,
-                                                               float* __restrict__ metrics) {
+                                                               const math::Scales* __restrict__ scales,
+                                                               const math::WeightTotals* __restrict__ weight_totals, bool selected,
+                                                               float* __restrict__ loss, float* __restrict__ metrics) {
     GSPO4J_SHARED(double, shared, 32);
     if (layout.rejected()) return;
     math::Partial own;
     for (int64_t b = threadIdx.x; b < layout.batch; b += kTotalThreads) own.add(partials[b]);
     const math::Partial total = block_reduce_partial(own, shared);
-    if (threadIdx.x == 0) math::finish_loss(config, total, *scales, loss, metrics);
+    if (threadIdx.x == 0) {
+        const math::WeightTotals weights = weight_totals ? *weight_totals : math::WeightTotals();
+        math::finish_loss(config, total, *scales, weights, weight_totals != nullptr, selected, loss, metrics);
+    }
 }
 
 unsigned response_grid(int64_t batch) { return static_cast<unsigned>(batch < 65535 * 16 ? batch : 65535 * 16); }
@@ -231,16 +290,18 @@ void sequence_log_ratio(void* stream_pointer, const TokenLayout& layout, const f
     GeometricInputs geometric{};
     geometric.advantages = nullptr;
     GSPO4J_LAUNCH(response_grid(layout.batch), kResponseThreads, 0, stream, response_stats_kernel)(
-        checked.device(), logprob, old_logprob, mask, checks, geometric, record, nullptr, log_ratio, lengths);
+        checked.device(), logprob, old_logprob, mask, checks, geometric, WeightInputs{math::Weights{nullptr, nullptr, nullptr, false}, nullptr},
+        record, nullptr, log_ratio, lengths);
     check_launch("sequence_log_ratio response_stats_kernel");
 }
 
 void policy_loss(void* stream_pointer, const gspo4j_loss_config& config, const TokenLayout& layout, const float* logprob,
-                 const float* old_logprob, const uint8_t* mask, const float* advantages, bool advantages_per_token,
-                 const float* ref_logprob, const float* entropy, float* loss, float* grad_logprob, float* grad_entropy,
-                 float* metrics) {
+                 const float* old_logprob, const float* rollout_logprob, const uint8_t* mask, const float* advantages,
+                 bool advantages_per_token, const float* ref_logprob, const float* entropy, const double* entropy_threshold,
+                 float* loss, float* grad_logprob, float* grad_entropy, float* metrics) {
     const DeviceGuard guard(loss, "loss");
-    for (auto [p, name] : {std::pair<const void*, const char*>{logprob, "logprob"}, {old_logprob, "old_logprob"}, {mask, "mask"},
+    for (auto [p, name] : {std::pair<const void*, const char*>{logprob, "logprob"}, {old_logprob, "old_logprob"},
+                           {rollout_logprob, "rollout_logprob"}, {entropy_threshold, "entropy_threshold"}, {mask, "mask"},
                            {advantages, "advantages"}, {ref_logprob, "ref_logprob"}, {entropy, "entropy"},
                            {grad_logprob, "grad_logprob"}, {grad_entropy, "grad_entropy"}, {metrics, "metrics"},
                            {layout.offsets, "offsets"}}) {
@@ -250,29 +311,36 @@ void policy_loss(void* stream_pointer, const gspo4j_loss_config& config, const T
     const ErrorRecord record = error_record();
     const CheckedLayout checked(stream, layout, record);
     const size_t batch = static_cast<size_t>(layout.batch);
-    Scratch scratch(batch * (sizeof(ResponseStats) + sizeof(math::Partial)) + sizeof(math::Scales), stream);
+    const size_t scales_at = batch * (sizeof(ResponseStats) + sizeof(math::Partial));
+    const size_t totals_at = scales_at + (sizeof(math::Scales) + 15) / 16 * 16;
+    Scratch scratch(totals_at + sizeof(math::WeightTotals), stream);
     ResponseStats* stats = scratch.as<ResponseStats>();
     math::Partial* partials = scratch.as<math::Partial>(batch * sizeof(ResponseStats));
-    math::Scales* scales = scratch.as<math::Scales>(batch * (sizeof(ResponseStats) + sizeof(math::Partial)));
+    math::Scales* scales = scratch.as<math::Scales>(scales_at);
+    const math::Weights weights{rollout_logprob, entropy_threshold, entropy,
+                                rollout_logprob != nullptr || math::rollout_enabled(config)};
+    math::WeightTotals* weight_totals = weights.any() ? scratch.as<math::WeightTotals>(totals_at) : nullptr;
     const DeviceLayout& device = checked.device();
     const bool use_kl = config.kl_coef != 0.0;
     if (layout.batch > 0) {
         const FiniteChecks checks{config.check_finite != 0, advantages_per_token, !advantages_per_token, advantages,
                                   use_kl ? ref_logprob : nullptr, entropy};
         const GeometricInputs geometric{config.objective == GSPO4J_OBJECTIVE_GMPO ? advantages : nullptr, config};
+        const WeightInputs weight_in{weights, advantages_per_token ? nullptr : advantages};
         GSPO4J_LAUNCH(response_grid(layout.batch), kResponseThreads, 0, stream, response_stats_kernel)(
-            device, logprob, old_logprob, mask, checks, geometric, record, stats, nullptr, nullptr);
+            device, logprob, old_logprob, mask, checks, geometric, weight_in, record, stats, nullptr, nullptr);
         check_launch("policy_loss response_stats_kernel");
     }
-    GSPO4J_LAUNCH(1, kTotalThreads, 0, stream, scales_kernel)(config, device, stats, scales);
+    GSPO4J_LAUNCH(1, kTotalThreads, 0, stream, scales_kernel)(config, device, stats, scales, weight_totals);
     check_launch("policy_loss scales_kernel");
     if (layout.batch > 0) {
-        const LossInputs in{logprob, old_logprob, mask, advantages, advantages_per_token, ref_logprob, entropy};
+        const LossInputs in{logprob, old_logprob, mask, advantages, advantages_per_token, ref_logprob, entropy, weights};
         GSPO4J_LAUNCH(response_grid(layout.batch), kResponseThreads, 0, stream, coefficients_kernel)(config, device, in, stats, scales,
                                                                                          grad_logprob, grad_entropy, partials);
         check_launch("policy_loss coefficients_kernel");
     }
-    GSPO4J_LAUNCH(1, kTotalThreads, 0, stream, finish_kernel)(config, device, partials, scales, loss, metrics);
+    GSPO4J_LAUNCH(1, kTotalThreads, 0, stream, finish_kernel)(config, device, partials, scales, weight_totals,
+                                                              entropy_threshold != nullptr, loss, metrics);
     check_launch("policy_loss finish_kernel");
 }
 

@@ -53,6 +53,7 @@ const KindInfo kKindInfo[kKinds] = {
     {GSPO4J_ERROR_NON_FINITE, "rewards[", "] is not finite"},
     {GSPO4J_ERROR_NON_FINITE, "values[", "] is not finite"},
     {GSPO4J_ERROR_INVALID_ARGUMENT, "RLOO needs at least 2 responses per group; the group of response ", " has 1"},
+    {GSPO4J_ERROR_NON_FINITE, "rollout_logprob[", "] is not finite"},
 };
 
 __global__ void check_offsets_kernel(const int64_t* offsets, int64_t batch, int64_t tokens, ErrorRecord record, int* any_bad) {

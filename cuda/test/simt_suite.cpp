@@ -849,7 +849,7 @@ struct Batch {
     int64_t batch = 0, seq = 0, tokens = 0;
     std::vector<int64_t> offsets;  // empty: padded
     std::vector<uint8_t> mask;
-    std::vector<float> logprob, old_logprob, ref_logprob, entropy, advantages, token_advantages;
+    std::vector<float> logprob, old_logprob, ref_logprob, entropy, advantages, token_advantages, rollout_logprob;
 
     const char* layout() const { return offsets.empty() ? "padded" : "packed"; }
 };
@@ -882,12 +882,14 @@ Batch make_batch(int64_t batch, bool packed, double spread) {
     b.ref_logprob.resize(n);
     b.entropy.resize(n);
     b.token_advantages.resize(n);
+    b.rollout_logprob.resize(n);
     for (size_t i = 0; i < n; ++i) {
         b.logprob[i] = -uniform(0.0f, 6.0f);
         b.old_logprob[i] = b.logprob[i] + normal(static_cast<float>(spread));
         b.ref_logprob[i] = b.logprob[i] + normal(0.3f);
         b.entropy[i] = uniform(0.0f, 3.0f);
         b.token_advantages[i] = normal(1.0f);
+        b.rollout_logprob[i] = b.old_logprob[i] + normal(static_cast<float>(spread));
         if (!b.mask[i]) b.logprob[i] = kNaN;  // never read where masked
     }
     b.advantages.resize(static_cast<size_t>(batch));
@@ -932,19 +934,23 @@ Tolerance loss_tolerance(const std::string&) {
     return Tolerance{1e-6, 1e-7, 1e-30};
 }
 
-void policy_loss_case(const gspo4j_loss_config& config, const Batch& b, bool on_policy, bool per_token, bool grad_entropy, bool metrics) {
-    compare("policy_loss " + describe(config, b, on_policy, per_token),
+// `rollout`: pass the batch's rollout_logprob (mu); `threshold`: top-entropy selection at this threshold.
+void policy_loss_case(const gspo4j_loss_config& config, const Batch& b, bool on_policy, bool per_token, bool grad_entropy, bool metrics,
+                      bool rollout = false, const double* threshold = nullptr, const std::string& label = "") {
+    compare("policy_loss " + label + describe(config, b, on_policy, per_token),
             [&](int device) {
                 const bool d = device == kCuda;
                 const Buffer offsets = input(b.offsets, d), mask = input(b.mask, d), lp = input(b.logprob, d),
                              olp = input(b.old_logprob, d), ref = input(b.ref_logprob, d), h = input(b.entropy, d),
-                             adv = input(per_token ? b.token_advantages : b.advantages, d);
+                             adv = input(per_token ? b.token_advantages : b.advantages, d), mu = input(b.rollout_logprob, d),
+                             cut = input(std::vector<double>{threshold ? *threshold : 0.0}, d);
                 Buffer loss = output<float>(1, d), g_lp = output<float>(b.tokens, d), g_h = output<float>(b.tokens, d),
                        m = output<float>(GSPO4J_METRIC_COUNT, d);
                 Result r = finish(device, gspo4j_policy_loss(device, nullptr, &config, b.batch, b.seq, b.tokens,
                                                              b.offsets.empty() ? nullptr : offsets.as<int64_t>(), lp.as<float>(),
-                                                             on_policy ? nullptr : olp.as<float>(), mask.as<uint8_t>(), adv.as<float>(),
-                                                             per_token, ref.as<float>(), h.as<float>(), loss.as<float>(),
+                                                             on_policy ? nullptr : olp.as<float>(), rollout ? mu.as<float>() : nullptr,
+                                                             mask.as<uint8_t>(), adv.as<float>(), per_token, ref.as<float>(),
+                                                             h.as<float>(), threshold ? cut.as<double>() : nullptr, loss.as<float>(),
                                                              g_lp.as<float>(), grad_entropy ? g_h.as<float>() : nullptr,
                                                              metrics ? m.as<float>() : nullptr));
                 r.add("loss", Kind::kFloat32, loss);
@@ -954,6 +960,83 @@ void policy_loss_case(const gspo4j_loss_config& config, const Batch& b, bool on_
                 return r;
             },
             loss_tolerance);
+}
+
+// Rollout correction and top-entropy selection (docs/math.md "Training-inference mismatch", "Token
+// selection"): every objective with each weight option, padded and packed, on and off policy.
+void rollout_section() {
+    struct Variant {
+        const char* name;
+        bool rollout;     // pass mu
+        bool threshold;   // top-entropy selection
+        void (*apply)(gspo4j_loss_config&);
+    };
+    const Variant variants[] = {
+        {"mu-metrics", true, false, [](gspo4j_loss_config&) {}},
+        {"tis-token", true, false, [](gspo4j_loss_config& c) { c.rollout_level = GSPO4J_ROLLOUT_TOKEN, c.rollout_c_max = 2.0; }},
+        {"mis-sequence", true, false,
+         [](gspo4j_loss_config& c) { c.rollout_level = GSPO4J_ROLLOUT_SEQUENCE, c.rollout_mode = GSPO4J_ROLLOUT_MASK, c.rollout_c_max = 3.0; }},
+        {"band-geometric", true, false,
+         [](gspo4j_loss_config& c) {
+             c.rollout_level = GSPO4J_ROLLOUT_GEOMETRIC, c.rollout_mode = GSPO4J_ROLLOUT_MASK, c.rollout_c_min = 0.9, c.rollout_c_max = 1.1;
+         }},
+        {"truncate-band-k3-token", true, false,
+         [](gspo4j_loss_config& c) {
+             c.rollout_level = GSPO4J_ROLLOUT_TOKEN, c.rollout_c_min = 0.8, c.rollout_c_max = 1.25;
+             c.rejection_divergence = GSPO4J_DIVERGENCE_K3, c.rejection_high = 0.01;
+         }},
+        {"k1-mean", true, false,
+         [](gspo4j_loss_config& c) {
+             c.rejection_divergence = GSPO4J_DIVERGENCE_K1, c.rejection_scope = GSPO4J_REJECT_MEAN, c.rejection_low = -0.05,
+             c.rejection_high = 0.02;
+         }},
+        {"k2-sum", true, false,
+         [](gspo4j_loss_config& c) { c.rejection_divergence = GSPO4J_DIVERGENCE_K2, c.rejection_scope = GSPO4J_REJECT_SUM, c.rejection_high = 0.05; }},
+        {"k3-max-offpolicy", true, false,
+         [](gspo4j_loss_config& c) {
+             c.rejection_divergence = GSPO4J_DIVERGENCE_K3, c.rejection_scope = GSPO4J_REJECT_MAX, c.rejection_high = 0.02;
+             c.off_policy_mask = 1, c.off_policy_delta = 0.0;
+         }},
+        {"offpolicy-no-mu", false, false, [](gspo4j_loss_config& c) { c.off_policy_mask = 1, c.off_policy_delta = -0.01; }},
+        {"top-entropy", false, true, [](gspo4j_loss_config&) {}},
+        {"top-entropy-mis-sequence", true, true,
+         [](gspo4j_loss_config& c) { c.rollout_level = GSPO4J_ROLLOUT_SEQUENCE, c.rollout_mode = GSPO4J_ROLLOUT_MASK, c.rollout_c_max = 1.5; }},
+    };
+    struct ObjectiveCase {
+        int objective;
+        int level;
+    };
+    const ObjectiveCase objectives[] = {
+        {GSPO4J_OBJECTIVE_CLIP, GSPO4J_RATIO_TOKEN},    {GSPO4J_OBJECTIVE_CLIP, GSPO4J_RATIO_SEQUENCE},
+        {GSPO4J_OBJECTIVE_CLIP, GSPO4J_RATIO_SEQUENCE_TOKEN}, {GSPO4J_OBJECTIVE_CISPO, GSPO4J_RATIO_TOKEN},
+        {GSPO4J_OBJECTIVE_SAPO, GSPO4J_RATIO_SEQUENCE_TOKEN}, {GSPO4J_OBJECTIVE_GMPO, GSPO4J_RATIO_SEQUENCE},
+        {GSPO4J_OBJECTIVE_LUSPO, GSPO4J_RATIO_SEQUENCE}, {GSPO4J_OBJECTIVE_VESPO, GSPO4J_RATIO_TOKEN},
+        {GSPO4J_OBJECTIVE_DPPO_TV, GSPO4J_RATIO_TOKEN},
+    };
+    // Each variant with three of the objectives in turn (every objective meets several variants).
+    long turn = 0;
+    size_t next = 0;
+    for (const Variant& v : variants) {
+        for (int pick = 0; pick < 3; ++pick) {
+            const ObjectiveCase& o = objectives[next++ % (sizeof(objectives) / sizeof(objectives[0]))];
+            for (bool packed : {false, true}) {
+                ++turn;
+                gspo4j_loss_config c = loss_config(o.level, static_cast<int>(turn % 4), turn);
+                c.objective = o.objective;
+                if (o.objective != GSPO4J_OBJECTIVE_CLIP && o.objective != GSPO4J_OBJECTIVE_LUSPO) c.dual_clip = 0.0;
+                if (o.level == GSPO4J_RATIO_SEQUENCE) c.eps_low = 0.01, c.eps_high = 0.02;
+                v.apply(c);
+                const bool on_policy = turn % 3 == 0;
+                const Batch b = make_batch(5 + turn % 4, packed, turn % 2 ? 0.2 : 0.05);
+                const bool per_token = o.level != GSPO4J_RATIO_SEQUENCE && c.off_policy_mask == 0 && turn % 2 == 0;
+                const double threshold = 1.5;  // entropies are uniform in [0, 3]
+                const std::string label = format("rollout %s objective=%d ", v.name, o.objective);
+                if (selected("policy_loss " + label + describe(c, b, on_policy, per_token))) {
+                    policy_loss_case(c, b, on_policy, per_token, turn % 2 == 0, true, v.rollout, v.threshold ? &threshold : nullptr, label);
+                }
+            }
+        }
+    }
 }
 
 void policy_loss_section() {
@@ -1047,6 +1130,7 @@ void policy_loss_section() {
         }
         if (selected("policy_loss NaN unchecked " + describe(c, nan, false, false), false)) policy_loss_case(c, nan, false, false, true, true);
     }
+    rollout_section();
 }
 
 void sequence_log_ratio_section() {
@@ -1326,8 +1410,8 @@ void errors_section() {
         float loss = 0.0f;
         std::vector<float> g(static_cast<size_t>(b.tokens));
         const int status = gspo4j_policy_loss(kCpu, nullptr, &config, b.batch, b.seq, b.tokens, b.offsets.data(), b.logprob.data(),
-                                              b.old_logprob.data(), b.mask.data(), b.advantages.data(), 0, b.ref_logprob.data(),
-                                              b.entropy.data(), &loss, g.data(), nullptr, nullptr);
+                                              b.old_logprob.data(), nullptr, b.mask.data(), b.advantages.data(), 0,
+                                              b.ref_logprob.data(), b.entropy.data(), nullptr, &loss, g.data(), nullptr, nullptr);
         const std::string message = gspo4j_last_error();
         report.expect(status == GSPO4J_ERROR_NON_FINITE && message.find("probability 0") != std::string::npos,
                       "-Inf logprob: policy loss status " + std::to_string(status) + ", \"" + message + "\"");

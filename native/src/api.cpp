@@ -212,6 +212,17 @@ gspo4j_status gspo4j_loss_config_init(gspo4j_loss_config* config) {
     config->responses_total = 0.0;
     config->tokens_total = 0.0;
     config->batch_total = 0.0;
+    config->rollout_level = GSPO4J_ROLLOUT_OFF;
+    config->rollout_mode = GSPO4J_ROLLOUT_TRUNCATE;
+    config->rollout_c_min = 0.0;
+    config->rollout_c_max = 0.0;
+    config->rejection_divergence = GSPO4J_DIVERGENCE_NONE;
+    config->rejection_scope = GSPO4J_REJECT_TOKEN;
+    config->rejection_low = 0.0;
+    config->rejection_high = 0.0;
+    config->off_policy_mask = 0;
+    config->reserved2 = 0;
+    config->off_policy_delta = 0.0;
     GSPO4J_API_END()
 }
 
@@ -275,9 +286,10 @@ gspo4j_status gspo4j_sequence_log_ratio(int32_t device, void* stream, int64_t ba
 
 gspo4j_status gspo4j_policy_loss(int32_t device, void* stream, const gspo4j_loss_config* config, int64_t batch,
                                  int64_t seq, int64_t tokens, const int64_t* offsets, const float* logprob,
-                                 const float* old_logprob, const uint8_t* mask, const float* advantages,
-                                 int32_t advantages_per_token, const float* ref_logprob, const float* entropy,
-                                 float* loss, float* grad_logprob, float* grad_entropy, float* metrics) {
+                                 const float* old_logprob, const float* rollout_logprob, const uint8_t* mask,
+                                 const float* advantages, int32_t advantages_per_token, const float* ref_logprob,
+                                 const float* entropy, const double* entropy_threshold, float* loss, float* grad_logprob,
+                                 float* grad_entropy, float* metrics) {
     GSPO4J_API_BEGIN()
     const Checker check("gspo4j_policy_loss");
     check.device(device, stream);
@@ -345,6 +357,28 @@ gspo4j_status gspo4j_policy_loss(int32_t device, void* stream, const gspo4j_loss
                   "config.length_norm must be finite and >= 0 (0: default), got " + std::to_string(c.length_norm));
     check.finite(c.kl_coef, "config.kl_coef");
     check.finite(c.entropy_coef, "config.entropy_coef");
+    check.require(c.rollout_level >= GSPO4J_ROLLOUT_OFF && c.rollout_level <= GSPO4J_ROLLOUT_GEOMETRIC,
+                  "config.rollout_level must be 0 (off), 1 (token), 2 (sequence) or 3 (geometric), got " +
+                      std::to_string(c.rollout_level));
+    check.require(c.rollout_mode == GSPO4J_ROLLOUT_TRUNCATE || c.rollout_mode == GSPO4J_ROLLOUT_MASK,
+                  "config.rollout_mode must be 0 (truncate) or 1 (mask), got " + std::to_string(c.rollout_mode));
+    check.require(std::isfinite(c.rollout_c_min) && c.rollout_c_min >= 0.0 && std::isfinite(c.rollout_c_max) &&
+                      c.rollout_c_max >= 0.0 && (c.rollout_c_max == 0.0 || c.rollout_c_min <= c.rollout_c_max),
+                  "config.rollout_c_min and rollout_c_max must be finite and >= 0 (0: no bound) with c_min <= c_max, got " +
+                      std::to_string(c.rollout_c_min) + " and " + std::to_string(c.rollout_c_max));
+    check.require(c.rejection_divergence >= GSPO4J_DIVERGENCE_NONE && c.rejection_divergence <= GSPO4J_DIVERGENCE_K3,
+                  "config.rejection_divergence must be 0 (none), 1 (k1), 2 (k2) or 3 (k3), got " +
+                      std::to_string(c.rejection_divergence));
+    check.require(c.rejection_scope >= GSPO4J_REJECT_TOKEN && c.rejection_scope <= GSPO4J_REJECT_MAX,
+                  "config.rejection_scope must be 0 (token), 1 (mean), 2 (sum) or 3 (max), got " + std::to_string(c.rejection_scope));
+    check.require(c.rejection_divergence == GSPO4J_DIVERGENCE_NONE ||
+                      (std::isfinite(c.rejection_high) && std::isfinite(c.rejection_low) &&
+                       (c.rejection_divergence == GSPO4J_DIVERGENCE_K1 ? c.rejection_low <= c.rejection_high : c.rejection_high > 0.0)),
+                  "config.rejection_high must be finite (> 0 for k2 and k3) and, for k1, rejection_low finite and <= rejection_high, got " +
+                      std::to_string(c.rejection_low) + " and " + std::to_string(c.rejection_high));
+    check.finite(c.off_policy_delta, "config.off_policy_delta");
+    check.require(!(c.off_policy_mask != 0 && advantages_per_token),
+                  "config.off_policy_mask drops responses with A_b < 0: it needs one advantage per response");
     check.require(!(c.ratio_level == GSPO4J_RATIO_SEQUENCE && advantages_per_token),
                   "a sequence objective (GSPO, LUSPO, GMPO) needs one advantage per response; use GSPO-token for per-token advantages");
     const gspo4j::TokenLayout layout = check.layout(batch, seq, tokens, offsets);
@@ -355,9 +389,12 @@ gspo4j_status gspo4j_policy_loss(int32_t device, void* stream, const gspo4j_loss
         check.pointer(advantages, "advantages");
         if (c.kl_coef != 0.0) check.pointer(ref_logprob, "ref_logprob (needed when kl_coef != 0)");
         if (c.entropy_coef != 0.0) check.pointer(entropy, "entropy (needed when entropy_coef != 0)");
+        if (c.rollout_level != GSPO4J_ROLLOUT_OFF || c.rejection_divergence != GSPO4J_DIVERGENCE_NONE)
+            check.pointer(rollout_logprob, "rollout_logprob (needed by rollout_level and rejection_divergence)");
+        if (entropy_threshold) check.pointer(entropy, "entropy (needed with entropy_threshold)");
     }
-    GSPO4J_ON_DEVICE(device, stream, policy_loss, c, layout, logprob, old_logprob, mask, advantages, advantages_per_token != 0,
-                     ref_logprob, entropy, loss, grad_logprob, grad_entropy, metrics);
+    GSPO4J_ON_DEVICE(device, stream, policy_loss, c, layout, logprob, old_logprob, rollout_logprob, mask, advantages,
+                     advantages_per_token != 0, ref_logprob, entropy, entropy_threshold, loss, grad_logprob, grad_entropy, metrics);
     GSPO4J_API_END()
 }
 

@@ -23,8 +23,8 @@ void sequence_log_ratio(const TokenLayout& layout, const float* logprob, const f
                         const uint8_t* mask, bool check_finite, float* log_ratio, float* lengths);
 
 void policy_loss(const gspo4j_loss_config& config, const TokenLayout& layout, const float* logprob,
-                 const float* old_logprob, const uint8_t* mask, const float* advantages,
-                 bool advantages_per_token, const float* ref_logprob, const float* entropy,
+                 const float* old_logprob, const float* rollout_logprob, const uint8_t* mask, const float* advantages,
+                 bool advantages_per_token, const float* ref_logprob, const float* entropy, const double* entropy_threshold,
                  float* loss, float* grad_logprob, float* grad_entropy, float* metrics);
 
 void group_advantages(int64_t count, const float* rewards, int64_t group_size, const int64_t* group_ids,

@@ -239,11 +239,204 @@ struct Partial {
     }
 };
 
+// Token weights (docs/math.md "Training-inference mismatch" and "Token selection"): each counted
+// token's policy term is multiplied by w_t = R_b f_t k_t, with no gradient through any factor:
+// - R_b, the response's factor: rho_b of rollout level SEQUENCE or GEOMETRIC (banded), the
+//   per-response rejection and the off-policy mask; it needs the first pass's sums;
+// - f_t, the token's factor: rho_t of level TOKEN (banded) and the per-token rejection;
+// - k_t, top-entropy selection: 1 when H_t >= the threshold (or without selection), else 0.
+// The rollout metrics see R_b f_t (the rollout weight); the selection is reported apart.
+struct Weights {
+    const float* rollout_logprob;     // mu, or null
+    const double* entropy_threshold;  // the selection's threshold, or null
+    const float* entropy;             // H (needed with a threshold)
+    bool rollout;                     // any rollout option or mu: the first pass sums WeightSums
+
+    GSPO4J_HOST_DEVICE bool any() const { return rollout || entropy_threshold != nullptr; }
+};
+
+GSPO4J_HOST_DEVICE inline bool rollout_enabled(const gspo4j_loss_config& config) {
+    return config.rollout_level != GSPO4J_ROLLOUT_OFF || config.rejection_divergence != GSPO4J_DIVERGENCE_NONE ||
+           config.off_policy_mask != 0;
+}
+
+// k1, k2 or k3 of olp against mu.
+GSPO4J_HOST_DEVICE inline double rollout_divergence(int32_t kind, double olp, double mu) {
+    const double d = olp - mu;
+    if (kind == GSPO4J_DIVERGENCE_K1) return d;
+    if (kind == GSPO4J_DIVERGENCE_K2) return 0.5 * d * d;
+    return exp_of(-d) + d - 1.0;  // k3: exp(mu - olp) - (mu - olp) - 1
+}
+
+// Whether a divergence passes the rejection bound (a NaN does not).
+GSPO4J_HOST_DEVICE inline bool rollout_accepts(const gspo4j_loss_config& config, double divergence) {
+    if (config.rejection_divergence == GSPO4J_DIVERGENCE_K1)
+        return divergence >= config.rejection_low && divergence <= config.rejection_high;
+    return divergence <= config.rejection_high;
+}
+
+// The mode (TRUNCATE or MASK) and the band [C_min, C_max] applied to an IS ratio rho.
+GSPO4J_HOST_DEVICE inline double rollout_band(const gspo4j_loss_config& config, double rho) {
+    const bool has_min = config.rollout_c_min > 0.0;
+    const bool has_max = config.rollout_c_max > 0.0;
+    if (config.rollout_mode == GSPO4J_ROLLOUT_MASK) {
+        const bool inside = (!has_min || rho >= config.rollout_c_min) && (!has_max || rho <= config.rollout_c_max);
+        return inside ? rho : 0.0;
+    }
+    if (has_min) rho = max_of(rho, config.rollout_c_min);
+    if (has_max) rho = min_of(rho, config.rollout_c_max);
+    return rho;
+}
+
+// f_t of a counted token: rho_t (level TOKEN) and the per-token rejection; 1 without mu.
+GSPO4J_HOST_DEVICE inline double rollout_token_factor(const gspo4j_loss_config& config, double olp, const float* mu, int64_t i) {
+    if (mu == nullptr) return 1.0;
+    const double m = mu[i];
+    double f = 1.0;
+    if (config.rollout_level == GSPO4J_ROLLOUT_TOKEN)
+        f = rollout_band(config, exp_of(min_of(max_of(olp - m, -config.log_ratio_clamp), config.log_ratio_clamp)));
+    if (config.rejection_divergence != GSPO4J_DIVERGENCE_NONE && config.rejection_scope == GSPO4J_REJECT_TOKEN &&
+        !rollout_accepts(config, rollout_divergence(config.rejection_divergence, olp, m)))
+        f = 0.0;
+    return f;
+}
+
+// k_t of a counted token.
+GSPO4J_HOST_DEVICE inline double selection_factor(const Weights& w, int64_t i) {
+    if (w.entropy_threshold == nullptr) return 1.0;
+    return static_cast<double>(w.entropy[i]) >= *w.entropy_threshold ? 1.0 : 0.0;
+}
+
+// What the first pass sums over a response's counted tokens for its weights and their metrics.
+struct WeightSums {
+    double mismatch = 0.0;       // sum m (olp - mu)
+    double divergence = 0.0;     // sum m of the rejection divergence
+    double divergence_max = -static_cast<double>(INFINITY);
+    double behaviour_gap = 0.0;  // sum m (beh - sg(lp)), beh = mu (olp without mu)
+    double token_factor = 0.0;   // sum m f_t
+    double kept_factor = 0.0;    // sum m f_t k_t
+    double zero_tokens = 0.0;    // counted tokens with f_t = 0
+    double kept = 0.0;           // counted tokens with k_t = 1
+    double k3 = 0.0;             // sum m (exp(olp - mu) - (olp - mu) - 1), unclamped
+
+    GSPO4J_HOST_DEVICE void add_token(const gspo4j_loss_config& config, const Weights& w, double lp, double olp, int64_t i) {
+        const float* mu = w.rollout_logprob;
+        const double beh = mu ? static_cast<double>(mu[i]) : olp;
+        behaviour_gap += beh - lp;
+        if (mu) {
+            const double d = olp - beh;
+            mismatch += d;
+            k3 += exp_of(d) - d - 1.0;
+            if (config.rejection_divergence != GSPO4J_DIVERGENCE_NONE) {
+                const double v = rollout_divergence(config.rejection_divergence, olp, beh);
+                divergence += v;
+                divergence_max = max_of(divergence_max, v);
+            }
+        }
+        const double f = rollout_token_factor(config, olp, mu, i);
+        const double k = selection_factor(w, i);
+        token_factor += f;
+        kept_factor += f * k;
+        zero_tokens += f == 0.0 ? 1.0 : 0.0;
+        kept += k;
+    }
+
+    // Sums of several threads' tokens of one response (CUDA), in a fixed order.
+    GSPO4J_HOST_DEVICE void add(const WeightSums& o) {
+        mismatch += o.mismatch;
+        divergence += o.divergence;
+        divergence_max = max_of(divergence_max, o.divergence_max);
+        behaviour_gap += o.behaviour_gap;
+        token_factor += o.token_factor;
+        kept_factor += o.kept_factor;
+        zero_tokens += o.zero_tokens;
+        kept += o.kept;
+        k3 += o.k3;
+    }
+};
+
+// R_b from a response's sums: rho_b (SEQUENCE, GEOMETRIC), the per-response rejection and the
+// off-policy mask. `advantage` is A_b (the off-policy mask needs per-response advantages).
+GSPO4J_HOST_DEVICE inline double rollout_response_factor(const gspo4j_loss_config& config, const WeightSums& sums, int64_t length,
+                                                         double advantage) {
+    if (length == 0) return 0.0;
+    const double n = static_cast<double>(length);
+    double r = 1.0;
+    if (config.rollout_level == GSPO4J_ROLLOUT_SEQUENCE || config.rollout_level == GSPO4J_ROLLOUT_GEOMETRIC) {
+        const double log_rho = config.rollout_level == GSPO4J_ROLLOUT_SEQUENCE ? sums.mismatch : sums.mismatch / n;
+        r = rollout_band(config, exp_of(min_of(max_of(log_rho, -config.log_ratio_clamp), config.log_ratio_clamp)));
+    }
+    if (config.rejection_divergence != GSPO4J_DIVERGENCE_NONE && config.rejection_scope != GSPO4J_REJECT_TOKEN) {
+        const double v = config.rejection_scope == GSPO4J_REJECT_MEAN  ? sums.divergence / n
+                         : config.rejection_scope == GSPO4J_REJECT_SUM ? sums.divergence
+                                                                       : sums.divergence_max;
+        if (!rollout_accepts(config, v)) r = 0.0;
+    }
+    if (config.off_policy_mask != 0 && advantage < 0.0 && sums.behaviour_gap / n > config.off_policy_delta) r = 0.0;
+    return r;
+}
+
+// A response's weight figures, from its sums (what the second pass and the metrics need).
+struct ResponseWeights {
+    double response = 1.0;     // R_b
+    double mean = 1.0;         // (1/L_b) sum m R_b f_t k_t: a sequence objective's factor of J_b
+    double rollout_sum = 0.0;  // metrics: sum m R_b f_t
+    double zero_tokens = 0.0;  // counted tokens with R_b f_t = 0
+    double kept = 0.0;         // counted tokens with k_t = 1
+    double k1 = 0.0;           // sum m (mu - olp)
+    double k3 = 0.0;
+};
+
+GSPO4J_HOST_DEVICE inline ResponseWeights response_weights(const gspo4j_loss_config& config, const WeightSums& sums, int64_t length,
+                                                           double advantage) {
+    ResponseWeights r;
+    const double n = static_cast<double>(length);
+    if (length == 0) return r;
+    r.response = rollout_response_factor(config, sums, length, advantage);
+    r.mean = r.response * sums.kept_factor / n;
+    r.rollout_sum = r.response * sums.token_factor;
+    r.zero_tokens = r.response == 0.0 ? n : sums.zero_tokens;
+    r.kept = sums.kept;
+    r.k1 = -sums.mismatch;
+    r.k3 = sums.k3;
+    return r;
+}
+
 // What the first pass learns of a response: its counted tokens and sums over them.
 struct ResponseSums {
     int64_t length;        // L_b
     double log_ratio_sum;  // sum m (lp - olp), 0 on-policy
     double geometric_sum;  // GMPO: sum m l_t (0 for the other objectives)
+    ResponseWeights weights;
+};
+
+// The batch's weight metrics: the responses' figures added in a fixed order.
+struct WeightTotals {
+    double rollout_sum = 0.0;
+    double zero_tokens = 0.0;
+    double zero_responses = 0.0;  // counted responses whose every R_b f_t is 0
+    double kept = 0.0;
+    double k1 = 0.0;
+    double k3 = 0.0;
+
+    GSPO4J_HOST_DEVICE void add(const ResponseSums& sums) {
+        if (sums.length == 0) return;
+        rollout_sum += sums.weights.rollout_sum;
+        zero_tokens += sums.weights.zero_tokens;
+        zero_responses += sums.weights.zero_tokens == static_cast<double>(sums.length) ? 1.0 : 0.0;
+        kept += sums.weights.kept;
+        k1 += sums.weights.k1;
+        k3 += sums.weights.k3;
+    }
+
+    GSPO4J_HOST_DEVICE void add(const WeightTotals& o) {
+        rollout_sum += o.rollout_sum;
+        zero_tokens += o.zero_tokens;
+        zero_responses += o.zero_responses;
+        kept += o.kept;
+        k1 += o.k1;
+        k3 += o.k3;
+    }
 };
 
 // GMPO's l_t of counted token i, or 0 for the other objectives: the first pass sums it.
@@ -269,6 +462,7 @@ struct Response {
     double phi_pos;            // VESPO's sg weight phi(W_b) for A >= 0
     double phi_neg;            // ... and for A < 0
     double advantage_sign;     // GMPO: sign(A_b)
+    double weight_response;    // R_b (1 without weights)
 };
 
 // Starts response b. A sequence objective's one term J_b (GSPO, LUSPO, GMPO), its clip decision and
@@ -286,6 +480,9 @@ GSPO4J_HOST_DEVICE inline Response begin_response(const gspo4j_loss_config& conf
     r.phi_pos = 0.0;
     r.phi_neg = 0.0;
     r.advantage_sign = 0.0;
+    r.weight_response = sums.weights.response;
+    // A sequence objective's J_b is multiplied by the mean of w over the response (1 without weights).
+    const double weight_mean = sums.weights.mean;
     const double log_ratio = length > 0 ? sums.log_ratio_sum / n : 0.0;
     r.sequence_ratio = level == GSPO4J_RATIO_TOKEN ? 1.0 : clip.ratio(log_ratio, &r.sequence_inside);
     double sequence_coefficient = 0.0;  // dJ_b/dlp per counted token, before the loss sign
@@ -301,20 +498,20 @@ GSPO4J_HOST_DEVICE inline Response begin_response(const gspo4j_loss_config& conf
         r.advantage_sign = sign_of(a);
         r.sequence_ratio = exp_of(sums.geometric_sum / n);  // each l_t lies in [-R, R]
         r.sequence_inside = true;
-        if (part) part->surrogate += r.sequence_ratio * a;
-        sequence_coefficient = a * r.sequence_ratio / n;
+        if (part) part->surrogate += weight_mean * r.sequence_ratio * a;
+        sequence_coefficient = weight_mean * a * r.sequence_ratio / n;
     } else if (level == GSPO4J_RATIO_SEQUENCE && length > 0) {
         // GSPO, or LUSPO: L_b times GSPO's term.
         const double a = advantages[b];
         const double length_weight = config.objective == GSPO4J_OBJECTIVE_LUSPO ? n : 1.0;
         const Clip::Decision d = clip.decide(r.sequence_ratio, a);
         if (part) {
-            part->surrogate += length_weight * d.objective;
+            part->surrogate += weight_mean * length_weight * d.objective;
             part->clip_low += d.clipped_low;
             part->clip_high += d.clipped_high;
             part->dual_clip += d.dual_clipped;
         }
-        if (d.gradient && r.sequence_inside) sequence_coefficient = length_weight * a * r.sequence_ratio / n;
+        if (d.gradient && r.sequence_inside) sequence_coefficient = weight_mean * length_weight * a * r.sequence_ratio / n;
     }
     r.sequence_gradient = -s.response_scale * sequence_coefficient;
     if (ratio_per_response(config) && length > 0 && part) part->add_ratio(r.sequence_ratio);
@@ -395,8 +592,8 @@ GSPO4J_HOST_DEVICE inline Term token_policy_term(const gspo4j_loss_config& confi
 // `part`. `advantage` is the token's A (per token, or its response's), unused for GSPO and LUSPO.
 GSPO4J_HOST_DEVICE inline void counted_token(const gspo4j_loss_config& config, const Clip& clip, const Response& r, int64_t i,
                                              const float* logprob, const float* old_logprob, double advantage,
-                                             const float* ref_logprob, const float* entropy, Partial& part,
-                                             float* grad_logprob, float* grad_entropy) {
+                                             const float* ref_logprob, const float* entropy, const Weights& weights,
+                                             Partial& part, float* grad_logprob, float* grad_entropy) {
     const int32_t level = config.ratio_level;
     const double lp = logprob[i];
     const double olp = old_logprob ? static_cast<double>(old_logprob[i]) : lp;
@@ -417,12 +614,16 @@ GSPO4J_HOST_DEVICE inline void counted_token(const gspo4j_loss_config& config, c
         const double ratio = level == GSPO4J_RATIO_TOKEN ? clip.ratio(lp - olp, &inside) : r.sequence_ratio;
         TermFlags flags;
         const Term q = token_policy_term(config, clip, r, ratio, inside, lp, olp, advantage, &flags);
-        part.surrogate += r.weight * q.value;
+        // w_t = R_b f_t k_t (no gradient) multiplies the policy term only.
+        const double w = weights.any() ? r.weight_response * rollout_token_factor(config, olp, weights.rollout_logprob, i) *
+                                             selection_factor(weights, i)
+                                       : 1.0;
+        part.surrogate += r.weight * w * q.value;
         part.clip_low += flags.clipped_low;
         part.clip_high += flags.clipped_high;
         part.dual_clip += flags.dual_clipped;
         if (!ratio_per_response(config)) part.add_ratio(ratio);
-        g = -r.weight * q.gradient;
+        g = -r.weight * w * q.gradient;
     }
     if (config.kl_coef != 0.0) {
         const Term k = kl_term(config.kl_estimator, clip, lp, olp, static_cast<double>(ref_logprob[i]));
@@ -439,7 +640,8 @@ GSPO4J_HOST_DEVICE inline void counted_token(const gspo4j_loss_config& config, c
 }
 
 // The loss and the metrics (nullable) from the batch's total.
-GSPO4J_HOST_DEVICE inline void finish_loss(const gspo4j_loss_config& config, const Partial& total, const Scales& s, float* loss,
+GSPO4J_HOST_DEVICE inline void finish_loss(const gspo4j_loss_config& config, const Partial& total, const Scales& s,
+                                           const WeightTotals& weights, bool weighted, bool selected, float* loss,
                                            float* metrics) {
     const int32_t level = config.ratio_level;
     // "+ 0.0" turns the -0.0 of an empty batch into 0.0.
@@ -465,6 +667,13 @@ GSPO4J_HOST_DEVICE inline void finish_loss(const gspo4j_loss_config& config, con
     metrics[GSPO4J_METRIC_ENTROPY_MEAN] = static_cast<float>(mean(total.entropy_sum, tokens));
     metrics[GSPO4J_METRIC_SEQUENCES] = static_cast<float>(responses);
     metrics[GSPO4J_METRIC_TOKENS] = static_cast<float>(tokens);
+    // Without weights w = 1 and every token is kept.
+    metrics[GSPO4J_METRIC_ROLLOUT_WEIGHT_MEAN] = static_cast<float>(weighted ? mean(weights.rollout_sum, tokens) : tokens > 0.0 ? 1.0 : 0.0);
+    metrics[GSPO4J_METRIC_ROLLOUT_MASKED_FRACTION] = static_cast<float>(weighted ? mean(weights.zero_tokens, tokens) : 0.0);
+    metrics[GSPO4J_METRIC_ROLLOUT_SEQ_MASKED_FRACTION] = static_cast<float>(weighted ? mean(weights.zero_responses, responses) : 0.0);
+    metrics[GSPO4J_METRIC_ROLLOUT_KL] = static_cast<float>(weighted ? mean(weights.k1, tokens) : 0.0);
+    metrics[GSPO4J_METRIC_ROLLOUT_K3_KL] = static_cast<float>(weighted ? mean(weights.k3, tokens) : 0.0);
+    metrics[GSPO4J_METRIC_ENTROPY_KEPT_FRACTION] = static_cast<float>(selected ? mean(weights.kept, tokens) : tokens > 0.0 ? 1.0 : 0.0);
 }
 
 // GAE over tokens [begin, end) of one response, backwards over its counted tokens; masked

@@ -83,8 +83,8 @@ void sequence_log_ratio(const TokenLayout& layout, const float* logprob, const f
 }
 
 void policy_loss(const gspo4j_loss_config& config, const TokenLayout& layout, const float* logprob,
-                 const float* old_logprob, const uint8_t* mask, const float* advantages,
-                 bool advantages_per_token, const float* ref_logprob, const float* entropy,
+                 const float* old_logprob, const float* rollout_logprob, const uint8_t* mask, const float* advantages,
+                 bool advantages_per_token, const float* ref_logprob, const float* entropy, const double* entropy_threshold,
                  float* loss, float* grad_logprob, float* grad_entropy, float* metrics) {
     check_layout(layout);
     const bool use_kl = config.kl_coef != 0.0;
@@ -96,6 +96,7 @@ void policy_loss(const gspo4j_loss_config& config, const TokenLayout& layout, co
                 any_counted = true;
                 require_finite(logprob, "logprob", i);
                 require_finite(old_logprob, "old_logprob", i);
+                require_finite(rollout_logprob, "rollout_logprob", i);
                 if (advantages_per_token) require_finite(advantages, "advantages", i);
                 if (use_kl) require_finite(ref_logprob, "ref_logprob", i);
                 require_finite(entropy, "entropy", i);
@@ -104,16 +105,25 @@ void policy_loss(const gspo4j_loss_config& config, const TokenLayout& layout, co
         }
     }
 
-    // Pass 1: lengths, and the sums of log-ratios the sequence objectives need.
+    // Pass 1: lengths, the sums of log-ratios the sequence objectives need, and the responses'
+    // weight factors (rollout correction, top-entropy selection).
     std::vector<math::ResponseSums> sums(static_cast<size_t>(layout.batch));
     const bool geometric = config.objective == GSPO4J_OBJECTIVE_GMPO;
+    const math::Weights weights{rollout_logprob, entropy_threshold, entropy,
+                                rollout_logprob != nullptr || math::rollout_enabled(config)};
+    const bool weighted = weights.any();
     parallel_for(layout.batch, responses_per_chunk(layout), [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) {
             double sum = 0.0;
             double geometric_sum = 0.0;
             int64_t n = 0;
+            math::WeightSums weight_sums;
             for (int64_t i = layout.begin(b); i < layout.end(b); ++i) {
                 if (!counted(mask, i)) continue;
+                if (weighted) {
+                    const double lp = logprob[i];
+                    weight_sums.add_token(config, weights, lp, old_logprob ? static_cast<double>(old_logprob[i]) : lp, i);
+                }
                 if (old_logprob) sum += static_cast<double>(logprob[i]) - static_cast<double>(old_logprob[i]);
                 if (geometric) {
                     const double lp = logprob[i];
@@ -122,13 +132,18 @@ void policy_loss(const gspo4j_loss_config& config, const TokenLayout& layout, co
                 }
                 ++n;
             }
-            sums[b] = math::ResponseSums{n, sum, geometric_sum};
+            sums[b] = math::ResponseSums{n, sum, geometric_sum, math::ResponseWeights()};
+            if (weighted) {
+                sums[b].weights = math::response_weights(config, weight_sums, n, advantages_per_token ? 0.0 : advantages[b]);
+            }
         }
     });
     int64_t responses = 0;
     int64_t total_tokens = 0;
     int64_t longest = 0;
+    math::WeightTotals weight_totals;
     for (int64_t b = 0; b < layout.batch; ++b) {
+        weight_totals.add(sums[b]);
         responses += sums[b].length > 0 ? 1 : 0;
         total_tokens += sums[b].length;
         longest = std::max(longest, layout.end(b) - layout.begin(b));
@@ -167,8 +182,8 @@ void policy_loss(const gspo4j_loss_config& config, const TokenLayout& layout, co
                     continue;
                 }
                 const double advantage = advantages_per_token ? advantages[i] : advantages[b];
-                math::counted_token(config, clip, response, i, logprob, old_logprob, advantage, ref_logprob, entropy, part,
-                                    grad_logprob, grad_entropy);
+                math::counted_token(config, clip, response, i, logprob, old_logprob, advantage, ref_logprob, entropy, weights,
+                                    part, grad_logprob, grad_entropy);
             }
         }
     });
@@ -176,7 +191,7 @@ void policy_loss(const gspo4j_loss_config& config, const TokenLayout& layout, co
     // Fixed-order reduction.
     math::Partial total;
     for (const math::Partial& part : partials) total.add(part);
-    math::finish_loss(config, total, scales, loss, metrics);
+    math::finish_loss(config, total, scales, weight_totals, weighted, entropy_threshold != nullptr, loss, metrics);
 }
 
 }  // namespace cpu

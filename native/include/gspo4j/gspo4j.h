@@ -123,13 +123,52 @@ typedef enum gspo4j_metric {
     GSPO4J_METRIC_ENTROPY_MEAN = 10,   /* token mean of H, 0 when no entropy is given */
     GSPO4J_METRIC_SEQUENCES = 11,      /* responses with L_b > 0 */
     GSPO4J_METRIC_TOKENS = 12,         /* tokens with m = 1 */
-    GSPO4J_METRIC_COUNT = 13
+    /* Rollout correction (0 without rollout_logprob and its options), over counted tokens: */
+    GSPO4J_METRIC_ROLLOUT_WEIGHT_MEAN = 13,     /* token mean of w (IS weight x rejection x off-policy mask) */
+    GSPO4J_METRIC_ROLLOUT_MASKED_FRACTION = 14, /* fraction of counted tokens with w = 0 */
+    GSPO4J_METRIC_ROLLOUT_SEQ_MASKED_FRACTION = 15, /* fraction of counted responses whose every w is 0 */
+    GSPO4J_METRIC_ROLLOUT_KL = 16,     /* token mean of mu - olp (k1 of the mismatch); needs rollout_logprob */
+    GSPO4J_METRIC_ROLLOUT_K3_KL = 17,  /* token mean of exp(olp - mu) - (olp - mu) - 1, unclamped */
+    GSPO4J_METRIC_ENTROPY_KEPT_FRACTION = 18, /* top-entropy selection: fraction of counted tokens kept (1 without) */
+    GSPO4J_METRIC_COUNT = 19
 } gspo4j_metric;
 /* Clip fractions count one decision per response for GSPO and LUSPO and one per counted token
  * otherwise (GMPO: tokens its log-space clip cut; CISPO: weights cut by either bound; DPPO:
  * dropped tokens, A > 0 as high and A <= 0 as low; SAPO and VESPO: none). Ratio statistics are
  * per response for GSPO, GSPO-token, LUSPO and the sequence variants of CISPO and SAPO (s_b), GMPO
  * (exp of the mean clipped log-ratio) and VESPO (W_b), and per counted token (r_t) otherwise. */
+
+/* Rollout correction (docs/math.md "Training-inference mismatch"): the weight w of each counted
+ * token's policy term compares the old policy olp (sg(lp) on-policy) with the inference engine's
+ * log-probs mu (rollout_logprob). Levels of the importance weight rho: */
+typedef enum gspo4j_rollout_level {
+    GSPO4J_ROLLOUT_OFF = 0,        /* no IS weight (rejection and the off-policy mask may still apply) */
+    GSPO4J_ROLLOUT_TOKEN = 1,      /* rho_t = exp(clamp(olp_t - mu_t, -R, R)) */
+    GSPO4J_ROLLOUT_SEQUENCE = 2,   /* rho_b = exp(clamp(sum_t m (olp - mu), -R, R)) */
+    GSPO4J_ROLLOUT_GEOMETRIC = 3   /* rho_b = exp(clamp((1/L_b) sum_t m (olp - mu), -R, R)) */
+} gspo4j_rollout_level;
+
+typedef enum gspo4j_rollout_mode {
+    GSPO4J_ROLLOUT_TRUNCATE = 0,   /* w = clamp(rho, C_min, C_max) (TIS) */
+    GSPO4J_ROLLOUT_MASK = 1        /* w = rho inside [C_min, C_max], else 0 (MIS, IcePop's band) */
+} gspo4j_rollout_mode;
+
+/* The divergence of olp against mu that rejection sampling bounds (verl's rollout_rs). */
+typedef enum gspo4j_divergence {
+    GSPO4J_DIVERGENCE_NONE = 0,
+    GSPO4J_DIVERGENCE_K1 = 1,      /* olp - mu (signed: rejected outside [low, high]) */
+    GSPO4J_DIVERGENCE_K2 = 2,      /* (olp - mu)^2 / 2 (rejected above high) */
+    GSPO4J_DIVERGENCE_K3 = 3       /* exp(mu - olp) - (mu - olp) - 1 (rejected above high) */
+} gspo4j_divergence;
+
+/* Where rejection applies: each token on its own, or a response by the mean, sum or max of the
+ * divergence over its counted tokens. */
+typedef enum gspo4j_rejection_scope {
+    GSPO4J_REJECT_TOKEN = 0,
+    GSPO4J_REJECT_MEAN = 1,
+    GSPO4J_REJECT_SUM = 2,
+    GSPO4J_REJECT_MAX = 3
+} gspo4j_rejection_scope;
 
 typedef struct gspo4j_loss_config {
     int32_t ratio_level;      /* gspo4j_ratio_level */
@@ -165,6 +204,21 @@ typedef struct gspo4j_loss_config {
     double responses_total;   /* B' of every mean over responses (GSPO's, LUSPO's, GMPO's J_b; SEQ_MEAN_*) */
     double tokens_total;      /* the counted tokens of TOKEN_MEAN */
     double batch_total;       /* B of SEQ_MEAN_TOKEN_SUM_NORM (Lnorm: length_norm) */
+    /* Rollout correction, all off by default; the IS weight and rejection need rollout_logprob.
+     * w carries no gradient and multiplies only the policy term; a sequence objective's J_b is
+     * multiplied by the mean of w over the response's counted tokens. */
+    int32_t rollout_level;    /* gspo4j_rollout_level */
+    int32_t rollout_mode;     /* gspo4j_rollout_mode */
+    double rollout_c_min;     /* the band's lower bound C_min; 0: none */
+    double rollout_c_max;     /* the band's upper bound C_max; 0: none (else >= C_min) */
+    int32_t rejection_divergence; /* gspo4j_divergence; NONE: no rejection */
+    int32_t rejection_scope;  /* gspo4j_rejection_scope */
+    double rejection_low;     /* K1 only: the lower bound (rejected below) */
+    double rejection_high;    /* K1: the upper bound (>= low); K2, K3: the threshold (> 0) */
+    int32_t off_policy_mask;  /* non-zero: w = 0 for a response with A_b < 0 and
+                                 (1/L_b) sum_t m (beh - sg(lp)) > off_policy_delta, beh = mu or olp */
+    int32_t reserved2;        /* 0 */
+    double off_policy_delta;
 } gspo4j_loss_config;
 
 /* Thread-local message of the last failed call on this thread ("" if none). */
@@ -271,13 +325,20 @@ GSPO4J_API gspo4j_status gspo4j_sequence_log_ratio(
  * advantages: per response [batch] (advantages_per_token = 0) or per token.
  * Writes loss[0], grad_logprob[tokens] = dLoss/dlp, grad_entropy[tokens] = dLoss/dH (nullable;
  * all zero when entropy_coef = 0) and metrics[GSPO4J_METRIC_COUNT] (nullable).
+ * rollout_logprob (nullable): the inference engine's log-probs mu of the sampled tokens, for the
+ * rollout correction of config (needed by rollout_level and rejection_divergence) and the mismatch
+ * metrics. entropy_threshold (nullable; one double, in device memory on CUDA, as
+ * gspo4j_entropy_threshold writes it): top-entropy selection, only counted tokens with
+ * entropy >= *entropy_threshold keep their policy term (needs entropy); the denominators still
+ * count every counted token, and a sequence objective's J_b is multiplied by the mean over the
+ * response of w times the kept indicator.
  */
 GSPO4J_API gspo4j_status gspo4j_policy_loss(
     int32_t device, void* stream, const gspo4j_loss_config* config,
     int64_t batch, int64_t seq, int64_t tokens, const int64_t* offsets,
-    const float* logprob, const float* old_logprob, const uint8_t* mask,
-    const float* advantages, int32_t advantages_per_token,
-    const float* ref_logprob, const float* entropy,
+    const float* logprob, const float* old_logprob, const float* rollout_logprob,
+    const uint8_t* mask, const float* advantages, int32_t advantages_per_token,
+    const float* ref_logprob, const float* entropy, const double* entropy_threshold,
     float* loss, float* grad_logprob, float* grad_entropy, float* metrics);
 
 /*
