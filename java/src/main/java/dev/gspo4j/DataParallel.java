@@ -235,7 +235,9 @@ public final class DataParallel {
                     case POLICY_LOSS, KL, ENTROPY, SEQUENCES, TOKENS -> 1;
                     case CLIP_FRACTION_LOW, CLIP_FRACTION_HIGH, DUAL_CLIP_FRACTION -> perResponseDecisions ? responses : tokens;
                     case RATIO_MEAN, RATIO_MIN, RATIO_MAX -> perResponseRatios ? responses : tokens;
-                    case APPROX_KL, ENTROPY_MEAN -> tokens;
+                    case APPROX_KL, ENTROPY_MEAN, ROLLOUT_WEIGHT_MEAN, ROLLOUT_MASKED_FRACTION, ROLLOUT_KL, ROLLOUT_K3_KL,
+                            ENTROPY_KEPT_FRACTION -> tokens;
+                    case ROLLOUT_SEQ_MASKED_FRACTION -> responses;
                 };
                 if (w > 0) {
                     sum += v * w;

@@ -26,6 +26,8 @@ public final class LossInput {
     final Tensor mask;
     final Tensor oldLogProbs;
     final Tensor refLogProbs;
+    final Tensor rolloutLogProbs;
+    final Double entropyThreshold; // null: the loss's top-entropy quantile of this call's tokens, if any
     final Tensor advantages;
     final boolean tokenAdvantages;
     final Tensor offsets;
@@ -43,6 +45,8 @@ public final class LossInput {
         this.mask = b.mask;
         this.oldLogProbs = b.oldLogProbs;
         this.refLogProbs = b.refLogProbs;
+        this.rolloutLogProbs = b.rolloutLogProbs;
+        this.entropyThreshold = b.entropyThreshold;
         this.advantages = b.advantages;
         this.tokenAdvantages = b.tokenAdvantages;
         this.offsets = b.offsets;
@@ -73,6 +77,8 @@ public final class LossInput {
         private Tensor mask;
         private Tensor oldLogProbs;
         private Tensor refLogProbs;
+        private Tensor rolloutLogProbs;
+        private Double entropyThreshold;
         private Tensor advantages;
         private boolean tokenAdvantages;
         private Tensor offsets;
@@ -150,6 +156,43 @@ public final class LossInput {
         public Builder refLogProbs(Tensor refLogProbs) {
             optionalOpen(refLogProbs, "refLogProbs");
             this.refLogProbs = refLogProbs;
+            return this;
+        }
+
+        /**
+         * The inference engine's log-probs {@code mu} of the sampled tokens (vLLM's or SGLang's
+         * {@code logprobs}), for rollout correction ({@link PolicyLoss.Builder#rolloutWeights},
+         * {@link PolicyLoss.Builder#rolloutRejection}, {@link PolicyLoss.Builder#offPolicyMask}) and the
+         * mismatch metrics ({@link LossMetrics#rolloutKl()}, {@link LossMetrics#rolloutK3Kl()}). Given
+         * without any rollout option, they only feed the metrics.
+         *
+         * @param rolloutLogProbs {@code [B, T]} or {@code [N]}, floating (read as float32), on the
+         *     logits' device, or null (required by an importance weight or a rejection); NaN or Inf on
+         *     a counted token is a {@link NonFiniteDataException}
+         * @return this builder
+         */
+        public Builder rolloutLogProbs(Tensor rolloutLogProbs) {
+            optionalOpen(rolloutLogProbs, "rolloutLogProbs");
+            this.rolloutLogProbs = rolloutLogProbs;
+            return this;
+        }
+
+        /**
+         * The entropy threshold of top-entropy selection for this call, in place of the quantile of
+         * this call's own tokens: only counted tokens with {@code H >= threshold} keep their policy
+         * term. For data-parallel training pass the quantile of the whole step's entropies (gathered
+         * over the ranks, as TRL does), so that every rank selects by the same threshold; see
+         * {@link PolicyLoss#entropyThreshold}.
+         *
+         * @param threshold any number but NaN ({@code -Infinity} keeps every token); needs the loss's
+         *     {@link PolicyLoss.Builder#topEntropyQuantile}
+         * @return this builder
+         */
+        public Builder entropyThreshold(double threshold) {
+            if (Double.isNaN(threshold)) {
+                throw new IllegalArgumentException("entropyThreshold must not be NaN");
+            }
+            this.entropyThreshold = threshold;
             return this;
         }
 

@@ -44,7 +44,7 @@ public final class LossMetrics implements AutoCloseable {
     }
 
     /**
-     * The metrics as they are on the device, without a sync: a float32 tensor {@code [13]} on the
+     * The metrics as they are on the device, without a sync: a float32 tensor {@code [19]} on the
      * logits' device (CPU or CUDA), owned by this object (clone it to keep it past {@link #close()}).
      * Its slots, in this order (the C header's {@code gspo4j_metric}):
      * <ol start="0">
@@ -61,9 +61,15 @@ public final class LossMetrics implements AutoCloseable {
      * <li>{@link #entropyMean()}</li>
      * <li>{@link #sequences()}, as a float32 (inexact past 2^24)</li>
      * <li>{@link #tokens()}, as a float32 (inexact past 2^24)</li>
+     * <li>{@link #rolloutWeightMean()}</li>
+     * <li>{@link #rolloutMaskedFraction()}</li>
+     * <li>{@link #rolloutSeqMaskedFraction()}</li>
+     * <li>{@link #rolloutKl()}</li>
+     * <li>{@link #rolloutK3Kl()}</li>
+     * <li>{@link #entropyKeptFraction()}</li>
      * </ol>
      *
-     * @return the {@code [13]} float32 tensor on the logits' device
+     * @return the {@code [19]} float32 tensor on the logits' device
      */
     public Tensor tensor() {
         ensureOpen();
@@ -111,6 +117,21 @@ public final class LossMetrics implements AutoCloseable {
     public float approxKl() { return get(Metric.APPROX_KL); }
     /** @return the token mean of the entropy over counted tokens */
     public float entropyMean() { return get(Metric.ENTROPY_MEAN); }
+    /**
+     * @return the token mean over counted tokens of the rollout weight w (importance weight x
+     *     rejection x off-policy mask; 1 without rollout correction)
+     */
+    public float rolloutWeightMean() { return get(Metric.ROLLOUT_WEIGHT_MEAN); }
+    /** @return the fraction of counted tokens whose rollout weight is 0 (masked or rejected) */
+    public float rolloutMaskedFraction() { return get(Metric.ROLLOUT_MASKED_FRACTION); }
+    /** @return the fraction of counted responses whose every rollout weight is 0 */
+    public float rolloutSeqMaskedFraction() { return get(Metric.ROLLOUT_SEQ_MASKED_FRACTION); }
+    /** @return the token mean of {@code mu - olp} (0 without rollout log-probs) */
+    public float rolloutKl() { return get(Metric.ROLLOUT_KL); }
+    /** @return the token mean of {@code exp(olp - mu) - (olp - mu) - 1}, unclamped (0 without rollout log-probs) */
+    public float rolloutK3Kl() { return get(Metric.ROLLOUT_K3_KL); }
+    /** @return top-entropy selection's kept fraction of the counted tokens (1 without selection) */
+    public float entropyKeptFraction() { return get(Metric.ENTROPY_KEPT_FRACTION); }
 
     /**
      * The responses with at least one counted token.
@@ -168,6 +189,13 @@ public final class LossMetrics implements AutoCloseable {
      *     {@link #ratioMin()}, {@link #ratioMax()}</td><td>gspo4j</td></tr>
      * <tr><td>{@code gspo4j/sequences}, {@code gspo4j/tokens}</td><td>{@link #sequences()}, {@link #tokens()}</td>
      *     <td>gspo4j</td></tr>
+     * <tr><td>{@code rollout_corr/rollout_is_mean}</td><td>{@link #rolloutWeightMean()}</td><td>verl</td></tr>
+     * <tr><td>{@code rollout_corr/rollout_rs_masked_fraction}</td><td>{@link #rolloutMaskedFraction()}</td><td>verl</td></tr>
+     * <tr><td>{@code rollout_corr/rollout_rs_seq_masked_fraction}</td><td>{@link #rolloutSeqMaskedFraction()}</td>
+     *     <td>verl</td></tr>
+     * <tr><td>{@code rollout_corr/kl}, {@code rollout_corr/k3_kl}</td><td>{@link #rolloutKl()}, {@link #rolloutK3Kl()}</td>
+     *     <td>verl</td></tr>
+     * <tr><td>{@code gspo4j/entropy_kept_fraction}</td><td>{@link #entropyKeptFraction()}</td><td>gspo4j</td></tr>
      * </table>
      * Fractions and ratio statistics are per response for GSPO (TRL's sequence-level importance
      * sampling logs them per response too) and per counted token otherwise.
@@ -196,6 +224,12 @@ public final class LossMetrics implements AutoCloseable {
         map.put("gspo4j/ratio_max", (double) get(Metric.RATIO_MAX));
         map.put("gspo4j/sequences", (double) sequences());
         map.put("gspo4j/tokens", (double) tokens());
+        map.put("rollout_corr/rollout_is_mean", (double) get(Metric.ROLLOUT_WEIGHT_MEAN));
+        map.put("rollout_corr/rollout_rs_masked_fraction", (double) get(Metric.ROLLOUT_MASKED_FRACTION));
+        map.put("rollout_corr/rollout_rs_seq_masked_fraction", (double) get(Metric.ROLLOUT_SEQ_MASKED_FRACTION));
+        map.put("rollout_corr/kl", (double) get(Metric.ROLLOUT_KL));
+        map.put("rollout_corr/k3_kl", (double) get(Metric.ROLLOUT_K3_KL));
+        map.put("gspo4j/entropy_kept_fraction", (double) get(Metric.ENTROPY_KEPT_FRACTION));
         return Collections.unmodifiableMap(map);
     }
 

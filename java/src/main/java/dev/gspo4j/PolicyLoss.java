@@ -18,6 +18,7 @@ import dev.gspo4j.internal.Tensors;
 import dev.gspo4j.internal.Unscoped;
 import org.bytedeco.javacpp.Pointer;
 import org.bytedeco.pytorch.GradMode;
+import org.bytedeco.pytorch.Scalar;
 import org.bytedeco.pytorch.Tensor;
 import org.bytedeco.pytorch.global.torch.ScalarType;
 
@@ -419,6 +420,108 @@ public final class PolicyLoss {
         }
 
         /**
+         * Rollout correction's importance weight (docs/math.md "Training-inference mismatch"):
+         * {@code rho} of the old policy against the inference engine's log-probs ({@link
+         * LossInput.Builder#rolloutLogProbs}, then required) at {@code level}, banded by {@code mode}
+         * to {@code [cMin, cMax]}, multiplies each counted token's policy term (no gradient). TRL's
+         * default ({@code vllm_importance_sampling_correction}) is {@code (SEQUENCE, MASK, 0, 3)};
+         * TRL's token truncation and verl's TIS are {@code (TOKEN, TRUNCATE, 0, C)}; IcePop's band is
+         * {@code (TOKEN, MASK, 0.5, 2)}. A sequence objective's term is multiplied by the mean of
+         * the weights over the response.
+         *
+         * @param level where rho is formed
+         * @param mode truncate (TIS) or mask (MIS) outside the band
+         * @param cMin the lower bound, 0 for none
+         * @param cMax the upper bound, {@code Double.POSITIVE_INFINITY} for none; at least cMin
+         * @return this builder
+         */
+        public Builder rolloutWeights(Rollout.Level level, Rollout.Mode mode, double cMin, double cMax) {
+            if (level == null || mode == null) {
+                throw new IllegalArgumentException("level and mode must not be null");
+            }
+            settings = settings.withWeights(settings.weights().withImportance(level, mode, cMin, cMax));
+            return this;
+        }
+
+        /**
+         * Rollout rejection (verl's {@code rollout_rs}): a token ({@link Rollout.Scope#TOKEN}) or a
+         * whole response (by the mean, sum or max over its counted tokens) whose divergence of the
+         * old policy from the inference engine ({@link LossInput.Builder#rolloutLogProbs}, then
+         * required) is above {@code threshold} gets weight 0 in the policy term; for {@link
+         * Rollout.Divergence#K1} (signed) the accepted band is {@code [-threshold, threshold]}. The
+         * denominators still count rejected tokens (verl drops them: pass the count of accepted
+         * tokens with {@link Builder#normalizer} to reproduce that).
+         *
+         * @param divergence k1, k2 or k3 of {@code olp} against {@code mu}
+         * @param scope per token, or per response by mean, sum or max
+         * @param threshold above 0 and finite
+         * @return this builder
+         */
+        public Builder rolloutRejection(Rollout.Divergence divergence, Rollout.Scope scope, double threshold) {
+            if (!(threshold > 0)) {
+                throw new IllegalArgumentException("the rejection threshold must be > 0, got " + threshold);
+            }
+            final boolean signed = divergence == Rollout.Divergence.K1;
+            return rolloutRejection(divergence, scope, signed ? -threshold : 0, threshold);
+        }
+
+        /**
+         * {@link #rolloutRejection(Rollout.Divergence, Rollout.Scope, double)} with the band of
+         * {@link Rollout.Divergence#K1} given: accepted when {@code low <= k1 <= high} (verl's {@code
+         * rollout_rs_threshold_lower} and upper, as log-ratios: a ratio bound {@code c} is {@code
+         * log(c)}). For k2 and k3 {@code low} is ignored and {@code high} is the threshold.
+         *
+         * @param divergence k1, k2 or k3
+         * @param scope per token, or per response by mean, sum or max
+         * @param low k1's lower bound, finite and at most high
+         * @param high k1's upper bound, or k2's and k3's threshold (above 0); finite
+         * @return this builder
+         */
+        public Builder rolloutRejection(Rollout.Divergence divergence, Rollout.Scope scope, double low, double high) {
+            if (divergence == null || scope == null) {
+                throw new IllegalArgumentException("divergence and scope must not be null");
+            }
+            settings = settings.withWeights(settings.weights().withRejection(divergence, scope, low, high));
+            return this;
+        }
+
+        /**
+         * The off-policy sequence mask (DeepSeek-V3.2; TRL's {@code off_policy_mask_threshold}): a
+         * response with {@code A_b < 0} whose mean over its counted tokens of {@code beh - lp}
+         * exceeds {@code delta} gets weight 0 in the policy term, where {@code beh} is the inference
+         * engine's log-prob when {@link LossInput.Builder#rolloutLogProbs} are given and the old
+         * policy's otherwise. Needs one advantage per response.
+         *
+         * @param delta the threshold on the mean log-ratio, finite
+         * @return this builder
+         */
+        public Builder offPolicyMask(double delta) {
+            settings = settings.withWeights(settings.weights().withOffPolicyMask(delta));
+            return this;
+        }
+
+        /**
+         * Top-entropy token selection (TRL's {@code top_entropy_quantile}, the "80/20" paper): only
+         * counted tokens whose entropy is at least the {@code 1 - rho} quantile of the counted
+         * tokens' entropies keep their policy term. The quantile is numpy's default (linear) in
+         * float64, over this call's tokens, or the caller's threshold ({@link
+         * LossInput.Builder#entropyThreshold}, for data-parallel steps). The denominators still count
+         * every counted token (as TRL's); the entropy bonus and the KL term are not restricted (TRL
+         * masks its entropy bonus too); a sequence objective's term is multiplied by the kept
+         * fraction of its tokens. On CUDA the threshold stays on the device (no host sync).
+         *
+         * @param rho the kept fraction, in (0, 1]; 1 keeps every token
+         * @return this builder
+         */
+        public Builder topEntropyQuantile(double rho) {
+            if (!(rho > 0 && rho <= 1)) {
+                throw new IllegalArgumentException("topEntropyQuantile rho must be in (0, 1] (1 keeps every token), got " + rho);
+            }
+            settings = settings.withWeights(settings.weights().withTopEntropy(rho));
+            return this;
+        }
+
+        /**
          * Whether NaN or Inf in the logits or a counted input is an error (default true). Off saves
          * a few O(N) checks; a NaN then flows into the loss.
          *
@@ -559,6 +662,7 @@ public final class PolicyLoss {
             final Tensor metrics = Tensors.empty(new long[] {Metric.COUNT}, ScalarType.Float, logits);
             LossGraph fused = null;
             LossMetrics lossMetrics = null;
+            Tensor threshold = null;
             try {
                 if (head == null) {
                     in.translate(() -> Kernels.tokenLogProbForward(device, stream, in.view, Tensors.longs(in.targets),
@@ -568,10 +672,27 @@ public final class PolicyLoss {
                     in.translate(() -> FusedLinear.forward(head.rows, head.weight, head.bias, head.chunkRows, in.targets,
                             temperature, settings.checkFinite(), logProbs, lse, entropy));
                 }
+                // Top-entropy selection: the caller's threshold, or the quantile of this call's
+                // counted entropies (on CUDA computed and read on the device: no host sync).
+                if (settings.weights().topEntropy()) {
+                    threshold = Tensors.empty(new long[] {1}, ScalarType.Double, logits);
+                    if (in.entropyThreshold != null) {
+                        try (Scalar fill = new Scalar(in.entropyThreshold)) {
+                            threshold.fill_(fill);
+                        }
+                    } else {
+                        final Tensor cut = threshold;
+                        in.translate(() -> Kernels.entropyThreshold(device, stream, in.layout.tokens(), Tensors.floats(entropy),
+                                Tensors.bytes(in.mask), settings.weights().topEntropyRho(), settings.checkFinite(),
+                                Tensors.doubles(cut)));
+                    }
+                }
+                final Tensor cut = threshold;
                 in.translate(() -> Kernels.policyLoss(device, stream, settings, totals, in.layout, Tensors.floats(logProbs),
-                        Tensors.floats(in.oldLogProbs), Tensors.bytes(in.mask), Tensors.floats(in.advantages),
-                        in.tokenAdvantages, Tensors.floats(in.refLogProbs), Tensors.floats(entropy), Tensors.floats(value),
-                        Tensors.floats(gradLogprob), Tensors.floats(gradEntropy), Tensors.floats(metrics)));
+                        Tensors.floats(in.oldLogProbs), Tensors.floats(in.rolloutLogProbs), Tensors.bytes(in.mask),
+                        Tensors.floats(in.advantages), in.tokenAdvantages, Tensors.floats(in.refLogProbs), Tensors.floats(entropy),
+                        cut == null ? null : Tensors.doubles(cut), Tensors.floats(value), Tensors.floats(gradLogprob),
+                        Tensors.floats(gradEntropy), Tensors.floats(metrics)));
                 // On a GPU the kernels check the data as they run (token ids, NaN/Inf): what they
                 // found becomes the exception the CPU path throws, at the next gspo4j call on the
                 // device or the first read of this result (now, in strict mode).
@@ -593,6 +714,11 @@ public final class PolicyLoss {
                 }
                 throw e;
             } finally {
+                // Freed once the kernels that read it are queued, as lse: the caching allocator
+                // reuses the block only in the stream's order.
+                if (threshold != null) {
+                    threshold.close();
+                }
                 lse.close();
                 gradLogprob.close();
                 if (gradEntropy != null) {

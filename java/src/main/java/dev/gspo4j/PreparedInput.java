@@ -9,6 +9,7 @@ import dev.gspo4j.internal.Objective;
 import dev.gspo4j.internal.RatioLevel;
 import dev.gspo4j.internal.TokenLayout;
 import dev.gspo4j.internal.Tensors;
+import dev.gspo4j.internal.TokenWeights;
 import java.util.ArrayList;
 import java.util.Arrays;
 import java.util.List;
@@ -35,6 +36,8 @@ final class PreparedInput implements AutoCloseable {
     final Tensor mask;
     final Tensor oldLogProbs;
     final Tensor refLogProbs;
+    final Tensor rolloutLogProbs;
+    final Double entropyThreshold; // the caller's, or null
     final Tensor advantages;
     final boolean tokenAdvantages;
     private final Tensor offsets;
@@ -137,17 +140,35 @@ final class PreparedInput implements AutoCloseable {
             }
             oldLogProbs = in.oldLogProbs == null ? null : floatCopy(in.oldLogProbs, tokenShape, "oldLogProbs", logits);
             refLogProbs = in.refLogProbs == null ? null : floatCopy(in.refLogProbs, tokenShape, "refLogProbs", logits);
+            rolloutLogProbs = in.rolloutLogProbs == null ? null
+                    : floatCopy(in.rolloutLogProbs, tokenShape, "rolloutLogProbs", logits);
+            entropyThreshold = in.entropyThreshold;
             tokenAdvantages = in.tokenAdvantages;
             advantages = floatCopy(in.advantages, tokenAdvantages ? tokenShape : new long[] {batch},
                     tokenAdvantages ? "advantages (per token)" : "advantages (per response)", logits);
             errors.name("old_logprob", "oldLogProbs", oldLogProbs, DataErrors.Axis.TOKENS)
                     .name("ref_logprob", "refLogProbs", refLogProbs, DataErrors.Axis.TOKENS)
+                    .name("rollout_logprob", "rolloutLogProbs", rolloutLogProbs, DataErrors.Axis.TOKENS)
                     .name("advantages", "advantages", advantages, tokenAdvantages ? DataErrors.Axis.TOKENS : DataErrors.Axis.FLAT)
                     .name("logprob", "logProbs (computed from the logits)", null, DataErrors.Axis.TOKENS)
                     .name("entropy", "entropy (computed from the logits)", null, DataErrors.Axis.TOKENS);
             if (settings.klCoef() != 0 && refLogProbs == null) {
                 throw new IllegalArgumentException("refLogProbs are required when the KL coefficient is not 0 (it is "
                         + settings.klCoef() + ")");
+            }
+            final TokenWeights weights = settings.weights();
+            if (weights.needsRolloutLogProbs() && rolloutLogProbs == null) {
+                throw new IllegalArgumentException("rolloutLogProbs (the inference engine's log-probs of the sampled tokens) are "
+                        + "required by the loss's rollout " + (weights.level() != null ? "importance weight" : "rejection")
+                        + "; pass them with LossInput.Builder.rolloutLogProbs");
+            }
+            if (weights.offPolicyMask() && tokenAdvantages) {
+                throw new IllegalArgumentException("the off-policy mask drops responses with A_b < 0: it needs one advantage per "
+                        + "response ([B]), not per token");
+            }
+            if (entropyThreshold != null && !weights.topEntropy()) {
+                throw new IllegalArgumentException("entropyThreshold is given but the loss has no top-entropy selection; build "
+                        + "it with PolicyLoss.Builder.topEntropyQuantile(rho)");
             }
             if (settings.ratioLevel() == RatioLevel.SEQUENCE && tokenAdvantages) {
                 throw new IllegalArgumentException((settings.objective().objective() == Objective.CLIP ? "GSPO's sequence ratio"

@@ -4,6 +4,7 @@ import dev.gspo4j.internal.LossSettings;
 import dev.gspo4j.internal.Objective;
 import dev.gspo4j.internal.ObjectiveParams;
 import dev.gspo4j.internal.RatioLevel;
+import dev.gspo4j.internal.TokenWeights;
 import org.bytedeco.pytorch.Scalar;
 import org.bytedeco.pytorch.ScalarOptional;
 import org.bytedeco.pytorch.Tensor;
@@ -48,6 +49,17 @@ public final class CompositeLoss {
      */
     public static Output compute(LossSettings st, double temperature, Tensor logits, Tensor targets, Tensor mask, Tensor oldLogProbs,
             Tensor refLogProbs, Tensor advantages, boolean tokenAdvantages, Tensor frozenLogits) {
+        return compute(st, temperature, logits, targets, mask, oldLogProbs, refLogProbs, advantages, tokenAdvantages, frozenLogits,
+                null, null);
+    }
+
+    /**
+     * As above, with the token weights of {@code st.weights()} (docs/math.md "Training-inference
+     * mismatch", "Token selection"): {@code rolloutLogProbs} [B, T] (mu, or null) and {@code keep}
+     * [B, T] 0/1 (top-entropy selection's kept tokens, or null: every token).
+     */
+    public static Output compute(LossSettings st, double temperature, Tensor logits, Tensor targets, Tensor mask, Tensor oldLogProbs,
+            Tensor refLogProbs, Tensor advantages, boolean tokenAdvantages, Tensor frozenLogits, Tensor rolloutLogProbs, Tensor kept) {
         final ScalarType type = logits.scalar_type();
         final Tensor logSoftmax = logits.div(sc(temperature)).log_softmax(-1);
         final Tensor tokenLogProbs = logSoftmax.gather(-1, targets.unsqueeze(-1)).squeeze(-1);
@@ -72,6 +84,10 @@ public final class CompositeLoss {
         final long batch = logits.size(0);
         final long seq = logits.size(1);
         final Objective objective = st.objective().objective();
+        // w[b, t] = R_b f_t k_t, no gradient; wMean[b] = its mean over the response's counted tokens.
+        final Tensor tokenWeight = tokenWeights(st, m, olp.detach(), lpFrozen, rolloutLogProbs == null ? null : rolloutLogProbs.to(type),
+                tokenAdvantages ? null : adv, kept == null ? null : kept.to(type), lengths);
+        final Tensor wMean = m.mul(tokenWeight).sum(new long[] {1}).div(lengths.clamp(s(1), new ScalarOptional()));
 
         // weights w[b, t] of the aggregation (0 for empty responses)
         final double norm = st.normalizer();
@@ -104,7 +120,7 @@ public final class CompositeLoss {
                 final Tensor clipped = objective(st, ratio, adv);
                 j = objective == Objective.LUSPO ? clipped.mul(lengths) : clipped;
             }
-            surrogate = j.mul(valid).sum().div(responseDenominator.clamp(s(1e-30), new ScalarOptional()));
+            surrogate = j.mul(wMean).mul(valid).sum().div(responseDenominator.clamp(s(1e-30), new ScalarOptional()));
         } else {
             final Tensor ratio;
             final Tensor a = tokenAdvantages ? adv : adv.unsqueeze(1).expand(batch, seq);
@@ -153,7 +169,7 @@ public final class CompositeLoss {
                 }
                 default -> objective(st, ratio, a);
             };
-            surrogate = weight.mul(q).sum();
+            surrogate = weight.mul(q).mul(tokenWeight).sum();
         }
         Tensor loss = surrogate.neg();
         if (st.klCoef() != 0) {
@@ -178,6 +194,68 @@ public final class CompositeLoss {
             loss = loss.sub(weight.mul(entropy).sum().mul(sc(st.entropyCoef())));
         }
         return new Output(loss, tokenLogProbs.detach(), entropy.detach());
+    }
+
+    // The rollout weight times the selection, as docs/math.md writes it, in tensor ops.
+    static Tensor tokenWeights(LossSettings st, Tensor m, Tensor olp, Tensor lp, Tensor mu, Tensor adv, Tensor keep, Tensor lengths) {
+        final TokenWeights tw = st.weights();
+        final double r = st.logRatioClamp();
+        Tensor f = m.mul(sc(0)).add(sc(1));
+        Tensor response = lengths.mul(sc(0)).add(sc(1));
+        final Tensor safe = lengths.clamp(s(1), new ScalarOptional());
+        if (mu != null) {
+            final Tensor d = olp.sub(mu);
+            if (tw.level() == Rollout.Level.TOKEN) {
+                f = band(tw, d.clamp(s(-r), s(r)).exp());
+            } else if (tw.level() != null) {
+                Tensor logRho = m.mul(d).sum(new long[] {1});
+                if (tw.level() == Rollout.Level.GEOMETRIC) {
+                    logRho = logRho.div(safe);
+                }
+                response = band(tw, logRho.clamp(s(-r), s(r)).exp());
+            }
+            if (tw.divergence() != null) {
+                final Tensor v = switch (tw.divergence()) {
+                    case K1 -> d;
+                    case K2 -> d.mul(d).mul(sc(0.5));
+                    case K3 -> d.neg().exp().add(d).sub(sc(1));
+                };
+                if (tw.scope() == Rollout.Scope.TOKEN) {
+                    f = f.mul(accepts(tw, v).to(f.scalar_type()));
+                } else {
+                    final Tensor stat = switch (tw.scope()) {
+                        case MEAN -> m.mul(v).sum(new long[] {1}).div(safe);
+                        case SUM -> m.mul(v).sum(new long[] {1});
+                        default -> torch.where(m.gt(sc(0)), v, v.mul(sc(0)).add(sc(Double.NEGATIVE_INFINITY))).amax(new long[] {1}, false);
+                    };
+                    response = response.mul(accepts(tw, stat).to(f.scalar_type()));
+                }
+            }
+        }
+        if (tw.offPolicyMask()) {
+            final Tensor beh = mu != null ? mu : olp;
+            final Tensor gap = m.mul(beh.sub(lp)).sum(new long[] {1}).div(safe);
+            response = response.mul(adv.lt(sc(0)).logical_and(gap.gt(sc(tw.offPolicyDelta()))).logical_not().to(f.scalar_type()));
+        }
+        Tensor w = f.mul(response.unsqueeze(1));
+        if (keep != null) {
+            w = w.mul(keep);
+        }
+        return w.detach();
+    }
+
+    static Tensor band(TokenWeights tw, Tensor rho) {
+        final Tensor lo = tw.cMin() > 0 ? rho.ge(sc(tw.cMin())) : rho.ge(sc(Double.NEGATIVE_INFINITY));
+        final Tensor hi = tw.cMax() < Double.POSITIVE_INFINITY ? rho.le(sc(tw.cMax())) : rho.le(sc(Double.POSITIVE_INFINITY));
+        if (tw.mode() == Rollout.Mode.MASK) {
+            return rho.mul(lo.logical_and(hi).to(rho.scalar_type()));
+        }
+        return rho.clamp(tw.cMin() > 0 ? s(tw.cMin()) : new ScalarOptional(),
+                tw.cMax() < Double.POSITIVE_INFINITY ? s(tw.cMax()) : new ScalarOptional());
+    }
+
+    static Tensor accepts(TokenWeights tw, Tensor v) {
+        return tw.divergence() == Rollout.Divergence.K1 ? v.ge(sc(tw.low())).logical_and(v.le(sc(tw.high()))) : v.le(sc(tw.high()));
     }
 
     static Tensor objective(LossSettings st, Tensor ratio, Tensor advantage) {

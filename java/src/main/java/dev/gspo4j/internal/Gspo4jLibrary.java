@@ -106,6 +106,26 @@ final class Gspo4jLibrary {
         native LossConfig tokens_total(double value);
         native double batch_total();
         native LossConfig batch_total(double value);
+        native int rollout_level();
+        native LossConfig rollout_level(int value);
+        native int rollout_mode();
+        native LossConfig rollout_mode(int value);
+        native double rollout_c_min();
+        native LossConfig rollout_c_min(double value);
+        native double rollout_c_max();
+        native LossConfig rollout_c_max(double value);
+        native int rejection_divergence();
+        native LossConfig rejection_divergence(int value);
+        native int rejection_scope();
+        native LossConfig rejection_scope(int value);
+        native double rejection_low();
+        native LossConfig rejection_low(double value);
+        native double rejection_high();
+        native LossConfig rejection_high(double value);
+        native int off_policy_mask();
+        native LossConfig off_policy_mask(int value);
+        native double off_policy_delta();
+        native LossConfig off_policy_delta(double value);
     }
 
     static native @Cast("const char*") BytePointer gspo4j_last_error();
@@ -155,9 +175,9 @@ final class Gspo4jLibrary {
     static native int gspo4j_policy_loss(
             int device, Pointer stream, @Const LossConfig config,
             long batch, long seq, long tokens, @Cast("const int64_t*") LongPointer offsets,
-            @Const FloatPointer logprob, @Const FloatPointer oldLogprob, @Cast("const uint8_t*") BytePointer mask,
-            @Const FloatPointer advantages, int advantagesPerToken,
-            @Const FloatPointer refLogprob, @Const FloatPointer entropy,
+            @Const FloatPointer logprob, @Const FloatPointer oldLogprob, @Const FloatPointer rolloutLogprob,
+            @Cast("const uint8_t*") BytePointer mask, @Const FloatPointer advantages, int advantagesPerToken,
+            @Const FloatPointer refLogprob, @Const FloatPointer entropy, @Const DoublePointer entropyThreshold,
             FloatPointer loss, FloatPointer gradLogprob, FloatPointer gradEntropy, FloatPointer metrics);
 
     static native int gspo4j_group_advantages(

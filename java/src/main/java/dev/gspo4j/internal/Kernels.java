@@ -206,17 +206,25 @@ public final class Kernels {
             FloatPointer logprob, FloatPointer oldLogprob, BytePointer mask, FloatPointer advantages,
             boolean advantagesPerToken, FloatPointer refLogprob, FloatPointer entropy, FloatPointer loss,
             FloatPointer gradLogprob, FloatPointer gradEntropy, FloatPointer metrics) {
-        policyLoss(device, stream, settings, StepTotals.NONE, layout, logprob, oldLogprob, mask, advantages, advantagesPerToken,
-                refLogprob, entropy, loss, gradLogprob, gradEntropy, metrics);
+        policyLoss(device, stream, settings, StepTotals.NONE, layout, logprob, oldLogprob, null, mask, advantages,
+                advantagesPerToken, refLogprob, entropy, null, loss, gradLogprob, gradEntropy, metrics);
     }
 
-    /** {@link #policyLoss(Device, Pointer, LossSettings, TokenLayout, FloatPointer, FloatPointer, BytePointer,
+    /**
+     * {@link #policyLoss(Device, Pointer, LossSettings, TokenLayout, FloatPointer, FloatPointer, BytePointer,
      * FloatPointer, boolean, FloatPointer, FloatPointer, FloatPointer, FloatPointer, FloatPointer, FloatPointer)}
-     * with the counts of a whole step replacing this call's own denominators. */
+     * with the counts of a whole step replacing this call's own denominators, and the token weights'
+     * inputs.
+     *
+     * @param rolloutLogprob float32 {@code [tokens]}: the inference engine's log-probs mu, or null;
+     *     needed by the settings' importance weight and rejection
+     * @param entropyThreshold one float64 on the tensors' device: top-entropy selection keeps the
+     *     counted tokens with {@code H >= *entropyThreshold}; null: no selection
+     */
     public static void policyLoss(Device device, Pointer stream, LossSettings settings, StepTotals totals, TokenLayout layout,
-            FloatPointer logprob, FloatPointer oldLogprob, BytePointer mask, FloatPointer advantages,
-            boolean advantagesPerToken, FloatPointer refLogprob, FloatPointer entropy, FloatPointer loss,
-            FloatPointer gradLogprob, FloatPointer gradEntropy, FloatPointer metrics) {
+            FloatPointer logprob, FloatPointer oldLogprob, FloatPointer rolloutLogprob, BytePointer mask, FloatPointer advantages,
+            boolean advantagesPerToken, FloatPointer refLogprob, FloatPointer entropy, DoublePointer entropyThreshold,
+            FloatPointer loss, FloatPointer gradLogprob, FloatPointer gradEntropy, FloatPointer metrics) {
         checkDevice(device, stream);
         Checks.notNull(settings, "settings");
         Checks.notNull(totals, "totals");
@@ -239,6 +247,19 @@ public final class Kernels {
                 Checks.capacity(entropy, tokens, "entropy (needed when the entropy coefficient is not 0)");
             }
         }
+        final TokenWeights weights = settings.weights();
+        if (tokens > 0 && weights.needsRolloutLogProbs()) {
+            Checks.capacity(rolloutLogprob, tokens, "rolloutLogprob (needed by the rollout importance weight and rejection)");
+        }
+        if (weights.offPolicyMask() && advantagesPerToken) {
+            throw new IllegalArgumentException("the off-policy mask drops responses with A_b < 0: it needs one advantage per "
+                    + "response, not per token");
+        }
+        if (tokens > 0 && entropyThreshold != null) {
+            Checks.capacity(entropy, tokens, "entropy (needed with an entropy threshold)");
+        }
+        Checks.optionalCapacity(rolloutLogprob, tokens, "rolloutLogprob");
+        Checks.optionalCapacity(entropyThreshold, 1, "entropyThreshold");
         Checks.optionalCapacity(oldLogprob, tokens, "oldLogprob");
         Checks.optionalCapacity(mask, tokens, "mask");
         Checks.optionalCapacity(refLogprob, tokens, "refLogprob");
@@ -272,10 +293,44 @@ public final class Kernels {
             config.responses_total(totals.responses())
                     .tokens_total(totals.tokens())
                     .batch_total(totals.batch());
+            config.rollout_level(weights.level() == null ? 0 : weights.level().code())
+                    .rollout_mode(weights.mode().code())
+                    .rollout_c_min(weights.cMin())
+                    .rollout_c_max(weights.cMax() == Double.POSITIVE_INFINITY ? 0 : weights.cMax())
+                    .rejection_divergence(weights.divergence() == null ? 0 : weights.divergence().code())
+                    .rejection_scope(weights.scope().code())
+                    .rejection_low(weights.low())
+                    .rejection_high(weights.high())
+                    .off_policy_mask(weights.offPolicyMask() ? 1 : 0)
+                    .off_policy_delta(weights.offPolicyDelta());
             check(Gspo4jLibrary.gspo4j_policy_loss(device.code, stream, config, layout.batch(), layout.seq(), tokens,
-                    layout.offsets(), logprob, oldLogprob, mask, advantages, advantagesPerToken ? 1 : 0, refLogprob,
-                    entropy, loss, gradLogprob, gradEntropy, metrics));
+                    layout.offsets(), logprob, oldLogprob, rolloutLogprob, mask, advantages, advantagesPerToken ? 1 : 0,
+                    refLogprob, entropy, entropyThreshold, loss, gradLogprob, gradEntropy, metrics));
         }
+    }
+
+    /**
+     * Top-entropy selection's threshold: the {@code 1 - rho} quantile (numpy's linear method, in
+     * float64) of the counted tokens' entropies, written to {@code threshold} on the device.
+     *
+     * @param tokens the number of tokens
+     * @param entropy float32 {@code [tokens]}
+     * @param mask uint8 {@code [tokens]} or null (every token counts)
+     * @param rho the kept fraction, in (0, 1]
+     * @param checkFinite whether NaN/Inf at a counted token is an error
+     * @param threshold float64 {@code [1]} output (+Infinity when no token counts)
+     */
+    public static void entropyThreshold(Device device, Pointer stream, long tokens, FloatPointer entropy, BytePointer mask,
+            double rho, boolean checkFinite, DoublePointer threshold) {
+        checkDevice(device, stream);
+        Checks.nonNegative(tokens, "tokens");
+        if (!(rho > 0 && rho <= 1)) {
+            throw new IllegalArgumentException("rho must be in (0, 1], got " + rho);
+        }
+        Checks.capacity(entropy, tokens, "entropy");
+        Checks.optionalCapacity(mask, tokens, "mask");
+        Checks.capacity(threshold, 1, "threshold");
+        throw new UnsupportedOperationException("entropy threshold: pending");
     }
 
     /**

@@ -21,6 +21,7 @@ import dev.gspo4j.KlEstimator;
  * @param entropyCoef the entropy bonus coefficient, in [-1e6, 1e6]
  * @param objective the objective and its own parameters; CISPO and SAPO take the ratio level TOKEN or
  *     SEQUENCE_TOKEN, GMPO and LUSPO SEQUENCE, VESPO and DPPO TOKEN; dual clip only with the clipped ones
+ * @param weights rollout correction and top-entropy selection ({@link TokenWeights#NONE}: off)
  */
 public record LossSettings(
         RatioLevel ratioLevel,
@@ -35,10 +36,12 @@ public record LossSettings(
         double lengthNorm,
         double klCoef,
         double entropyCoef,
-        ObjectiveParams objective) {
+        ObjectiveParams objective,
+        TokenWeights weights) {
 
     public LossSettings {
         Checks.notNull(objective, "objective");
+        Checks.notNull(weights, "weights");
         Checks.notNull(ratioLevel, "ratioLevel");
         Checks.notNull(aggregation, "aggregation");
         Checks.notNull(klEstimator, "klEstimator");
@@ -113,61 +116,65 @@ public record LossSettings(
     /** GSPO as in the paper: sequence ratio, eps 3e-4 / 4e-4, R = 20, no KL, no entropy term. */
     public static LossSettings gspo() {
         return new LossSettings(RatioLevel.SEQUENCE, Aggregation.SEQ_MEAN_TOKEN_MEAN, KlEstimator.K3, true,
-                3e-4, 4e-4, 0, 20, 0, 0, 0, 0, ObjectiveParams.of(Objective.CLIP));
+                3e-4, 4e-4, 0, 20, 0, 0, 0, 0, ObjectiveParams.of(Objective.CLIP), TokenWeights.NONE);
     }
 
     /** GRPO's token ratio with eps 0.2, sequence-mean token-mean, no KL. */
     public static LossSettings grpo() {
         return new LossSettings(RatioLevel.TOKEN, Aggregation.SEQ_MEAN_TOKEN_MEAN, KlEstimator.K3, true,
-                0.2, 0.2, 0, 20, 0, 0, 0, 0, ObjectiveParams.of(Objective.CLIP));
+                0.2, 0.2, 0, 20, 0, 0, 0, 0, ObjectiveParams.of(Objective.CLIP), TokenWeights.NONE);
     }
 
     public LossSettings withRatioLevel(RatioLevel value) {
-        return new LossSettings(value, aggregation, klEstimator, checkFinite, epsLow, epsHigh, dualClip, logRatioClamp, normalizer, lengthNorm, klCoef, entropyCoef, objective);
+        return new LossSettings(value, aggregation, klEstimator, checkFinite, epsLow, epsHigh, dualClip, logRatioClamp, normalizer, lengthNorm, klCoef, entropyCoef, objective, weights);
     }
 
     public LossSettings withAggregation(Aggregation value) {
-        return new LossSettings(ratioLevel, value, klEstimator, checkFinite, epsLow, epsHigh, dualClip, logRatioClamp, normalizer, lengthNorm, klCoef, entropyCoef, objective);
+        return new LossSettings(ratioLevel, value, klEstimator, checkFinite, epsLow, epsHigh, dualClip, logRatioClamp, normalizer, lengthNorm, klCoef, entropyCoef, objective, weights);
     }
 
     public LossSettings withClip(double low, double high) {
-        return new LossSettings(ratioLevel, aggregation, klEstimator, checkFinite, low, high, dualClip, logRatioClamp, normalizer, lengthNorm, klCoef, entropyCoef, objective);
+        return new LossSettings(ratioLevel, aggregation, klEstimator, checkFinite, low, high, dualClip, logRatioClamp, normalizer, lengthNorm, klCoef, entropyCoef, objective, weights);
     }
 
     public LossSettings withDualClip(double value) {
-        return new LossSettings(ratioLevel, aggregation, klEstimator, checkFinite, epsLow, epsHigh, value, logRatioClamp, normalizer, lengthNorm, klCoef, entropyCoef, objective);
+        return new LossSettings(ratioLevel, aggregation, klEstimator, checkFinite, epsLow, epsHigh, value, logRatioClamp, normalizer, lengthNorm, klCoef, entropyCoef, objective, weights);
     }
 
     public LossSettings withLogRatioClamp(double value) {
-        return new LossSettings(ratioLevel, aggregation, klEstimator, checkFinite, epsLow, epsHigh, dualClip, value, normalizer, lengthNorm, klCoef, entropyCoef, objective);
+        return new LossSettings(ratioLevel, aggregation, klEstimator, checkFinite, epsLow, epsHigh, dualClip, value, normalizer, lengthNorm, klCoef, entropyCoef, objective, weights);
     }
 
     public LossSettings withNormalizer(double value) {
-        return new LossSettings(ratioLevel, aggregation, klEstimator, checkFinite, epsLow, epsHigh, dualClip, logRatioClamp, value, lengthNorm, klCoef, entropyCoef, objective);
+        return new LossSettings(ratioLevel, aggregation, klEstimator, checkFinite, epsLow, epsHigh, dualClip, logRatioClamp, value, lengthNorm, klCoef, entropyCoef, objective, weights);
     }
 
     public LossSettings withLengthNorm(double value) {
-        return new LossSettings(ratioLevel, aggregation, klEstimator, checkFinite, epsLow, epsHigh, dualClip, logRatioClamp, normalizer, value, klCoef, entropyCoef, objective);
+        return new LossSettings(ratioLevel, aggregation, klEstimator, checkFinite, epsLow, epsHigh, dualClip, logRatioClamp, normalizer, value, klCoef, entropyCoef, objective, weights);
     }
 
     public LossSettings withKl(double coef, KlEstimator estimator) {
-        return new LossSettings(ratioLevel, aggregation, estimator, checkFinite, epsLow, epsHigh, dualClip, logRatioClamp, normalizer, lengthNorm, coef, entropyCoef, objective);
+        return new LossSettings(ratioLevel, aggregation, estimator, checkFinite, epsLow, epsHigh, dualClip, logRatioClamp, normalizer, lengthNorm, coef, entropyCoef, objective, weights);
     }
 
     public LossSettings withEntropyCoef(double value) {
-        return new LossSettings(ratioLevel, aggregation, klEstimator, checkFinite, epsLow, epsHigh, dualClip, logRatioClamp, normalizer, lengthNorm, klCoef, value, objective);
+        return new LossSettings(ratioLevel, aggregation, klEstimator, checkFinite, epsLow, epsHigh, dualClip, logRatioClamp, normalizer, lengthNorm, klCoef, value, objective, weights);
     }
 
     /** The objective, with the ratio level it needs; the clip range and the aggregation stay as they are. */
     public LossSettings withObjective(ObjectiveParams value, RatioLevel level) {
-        return new LossSettings(level, aggregation, klEstimator, checkFinite, epsLow, epsHigh, dualClip, logRatioClamp, normalizer, lengthNorm, klCoef, entropyCoef, value);
+        return new LossSettings(level, aggregation, klEstimator, checkFinite, epsLow, epsHigh, dualClip, logRatioClamp, normalizer, lengthNorm, klCoef, entropyCoef, value, weights);
     }
 
     public LossSettings withObjectiveParams(ObjectiveParams value) {
-        return new LossSettings(ratioLevel, aggregation, klEstimator, checkFinite, epsLow, epsHigh, dualClip, logRatioClamp, normalizer, lengthNorm, klCoef, entropyCoef, value);
+        return new LossSettings(ratioLevel, aggregation, klEstimator, checkFinite, epsLow, epsHigh, dualClip, logRatioClamp, normalizer, lengthNorm, klCoef, entropyCoef, value, weights);
+    }
+
+    public LossSettings withWeights(TokenWeights value) {
+        return new LossSettings(ratioLevel, aggregation, klEstimator, checkFinite, epsLow, epsHigh, dualClip, logRatioClamp, normalizer, lengthNorm, klCoef, entropyCoef, objective, value);
     }
 
     public LossSettings withCheckFinite(boolean value) {
-        return new LossSettings(ratioLevel, aggregation, klEstimator, value, epsLow, epsHigh, dualClip, logRatioClamp, normalizer, lengthNorm, klCoef, entropyCoef, objective);
+        return new LossSettings(ratioLevel, aggregation, klEstimator, value, epsLow, epsHigh, dualClip, logRatioClamp, normalizer, lengthNorm, klCoef, entropyCoef, objective, weights);
     }
 }

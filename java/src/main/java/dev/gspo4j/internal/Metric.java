@@ -14,7 +14,13 @@ public enum Metric {
     APPROX_KL,
     ENTROPY_MEAN,
     SEQUENCES,
-    TOKENS;
+    TOKENS,
+    ROLLOUT_WEIGHT_MEAN,
+    ROLLOUT_MASKED_FRACTION,
+    ROLLOUT_SEQ_MASKED_FRACTION,
+    ROLLOUT_KL,
+    ROLLOUT_K3_KL,
+    ENTROPY_KEPT_FRACTION;
 
     /** Length of the metrics array. */
     public static final int COUNT = values().length;

@@ -400,16 +400,16 @@ class PolicyLossTest {
             assertEquals(1, config.ratio_level());
             assertEquals(3e-4, config.eps_low());
             config.aggregation(9);
-            assertEquals(1, Gspo4jLibrary.gspo4j_policy_loss(0, null, config, 0, 0, 0, null, null, null, null, null, 0, null, null,
+            assertEquals(1, Gspo4jLibrary.gspo4j_policy_loss(0, null, config, 0, 0, 0, null, null, null, null, null, null, 0, null, null, null,
                     loss, null, null, null));
             assertTrue(Gspo4jLibrary.gspo4j_last_error().getString().contains("aggregation"));
-            assertEquals(1, Gspo4jLibrary.gspo4j_policy_loss(0, null, null, 0, 0, 0, null, null, null, null, null, 0, null, null,
+            assertEquals(1, Gspo4jLibrary.gspo4j_policy_loss(0, null, null, 0, 0, 0, null, null, null, null, null, null, 0, null, null, null,
                     loss, null, null, null));
             Gspo4jLibrary.gspo4j_loss_config_init(config);
-            assertEquals(1, Gspo4jLibrary.gspo4j_policy_loss(0, null, config, 2, 3, 6, null, null, null, null, null, 0, null, null,
+            assertEquals(1, Gspo4jLibrary.gspo4j_policy_loss(0, null, config, 2, 3, 6, null, null, null, null, null, null, 0, null, null, null,
                     loss, null, null, null));
             assertTrue(Gspo4jLibrary.gspo4j_last_error().getString().contains("logprob must not be NULL"));
-            assertEquals(1, Gspo4jLibrary.gspo4j_policy_loss(0, null, config, 2, 3, 7, null, null, null, null, null, 0, null, null,
+            assertEquals(1, Gspo4jLibrary.gspo4j_policy_loss(0, null, config, 2, 3, 7, null, null, null, null, null, null, 0, null, null, null,
                     loss, null, null, null));
         }
     }

@@ -266,6 +266,9 @@ final class Reference {
         metrics[Metric.ENTROPY_MEAN.index()] = tokens > 0 ? entropySum / tokens : 0;
         metrics[Metric.SEQUENCES.index()] = responses;
         metrics[Metric.TOKENS.index()] = tokens;
+        // Without rollout correction or selection (RolloutCorrectionTest covers them): w = 1, all kept.
+        metrics[Metric.ROLLOUT_WEIGHT_MEAN.index()] = tokens > 0 ? 1 : 0;
+        metrics[Metric.ENTROPY_KEPT_FRACTION.index()] = tokens > 0 ? 1 : 0;
         return new LossValue(loss, metrics);
     }
 
