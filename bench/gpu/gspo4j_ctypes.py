@@ -17,6 +17,9 @@ KL_K1, KL_K2, KL_K3 = 0, 1, 2
 MEAN_STD, MEAN, RLOO = 0, 1, 2
 METRICS = ["policy_loss", "kl", "entropy", "clip_fraction_low", "clip_fraction_high", "dual_clip_fraction",
            "ratio_mean", "ratio_min", "ratio_max", "approx_kl", "entropy_mean", "sequences", "tokens"]
+# The kernel writes GSPO4J_METRIC_COUNT slots; the harness compares the first len(METRICS) (the six
+# rollout/selection slots after them are 1 or 0 without those options).
+METRIC_COUNT = 19
 
 c_i32, c_i64, c_f64, c_p = ctypes.c_int32, ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
 
@@ -30,7 +33,14 @@ class Gspo4jError(RuntimeError):
 class LossConfig(ctypes.Structure):
     _fields_ = [("ratio_level", c_i32), ("aggregation", c_i32), ("kl_estimator", c_i32), ("check_finite", c_i32),
                 ("eps_low", c_f64), ("eps_high", c_f64), ("dual_clip", c_f64), ("log_ratio_clamp", c_f64),
-                ("normalizer", c_f64), ("length_norm", c_f64), ("kl_coef", c_f64), ("entropy_coef", c_f64)]
+                ("normalizer", c_f64), ("length_norm", c_f64), ("kl_coef", c_f64), ("entropy_coef", c_f64),
+                ("objective", c_i32), ("reserved", c_i32), ("sapo_tau_pos", c_f64), ("sapo_tau_neg", c_f64),
+                ("vespo_k_pos", c_f64), ("vespo_lambda_pos", c_f64), ("vespo_k_neg", c_f64), ("vespo_lambda_neg", c_f64),
+                ("dppo_delta_low", c_f64), ("dppo_delta_high", c_f64), ("dppo_ratio_cap", c_f64),
+                ("responses_total", c_f64), ("tokens_total", c_f64), ("batch_total", c_f64),
+                ("rollout_level", c_i32), ("rollout_mode", c_i32), ("rollout_c_min", c_f64), ("rollout_c_max", c_f64),
+                ("rejection_divergence", c_i32), ("rejection_scope", c_i32), ("rejection_low", c_f64),
+                ("rejection_high", c_f64), ("off_policy_mask", c_i32), ("reserved2", c_i32), ("off_policy_delta", c_f64)]
 
 
 def _ptr(t):
@@ -53,7 +63,7 @@ class Library:
                                                       c_p, c_p, c_p, c_p, c_p, c_i64, c_i64]
         lib.gspo4j_sequence_log_ratio.argtypes = [c_i32, c_p, c_i64, c_i64, c_i64, c_p, c_p, c_p, c_p, c_i32, c_p, c_p]
         lib.gspo4j_policy_loss.argtypes = [c_i32, c_p, ctypes.POINTER(LossConfig), c_i64, c_i64, c_i64, c_p, c_p, c_p, c_p,
-                                           c_p, c_i32, c_p, c_p, c_p, c_p, c_p, c_p]
+                                           c_p, c_p, c_i32, c_p, c_p, c_p, c_p, c_p, c_p, c_p]
         lib.gspo4j_group_advantages.argtypes = [c_i32, c_p, c_i64, c_p, c_i64, c_p, c_i32, c_f64, c_i32, c_p]
         lib.gspo4j_gae.argtypes = [c_i32, c_p, c_i64, c_i64, c_i64, c_p, c_p, c_p, c_p, c_f64, c_f64, c_i32, c_p, c_p]
         for name in ["gspo4j_token_logprob_forward", "gspo4j_token_logprob_backward", "gspo4j_sequence_log_ratio",
@@ -143,11 +153,11 @@ class Library:
         grad_logprob = torch.empty(tokens, dtype=torch.float32, device=dev) if grad_logprob is None else grad_logprob
         if want_grad_entropy and grad_entropy is None:
             grad_entropy = torch.empty(tokens, dtype=torch.float32, device=dev)
-        metrics = torch.empty(len(METRICS), dtype=torch.float32, device=dev) if metrics is None else metrics
+        metrics = torch.empty(METRIC_COUNT, dtype=torch.float32, device=dev) if metrics is None else metrics
         device, stream = self._where(logprob)
         self._check(self.lib.gspo4j_policy_loss(device, stream, ctypes.byref(config), batch, seq, tokens, _ptr(offsets),
-                                                _ptr(logprob), _ptr(old_logprob), _ptr(mask), _ptr(advantages),
-                                                int(per_token), _ptr(ref_logprob), _ptr(entropy), _ptr(loss),
+                                                _ptr(logprob), _ptr(old_logprob), None, _ptr(mask), _ptr(advantages),
+                                                int(per_token), _ptr(ref_logprob), _ptr(entropy), None, _ptr(loss),
                                                 _ptr(grad_logprob), _ptr(grad_entropy) if want_grad_entropy else None,
                                                 _ptr(metrics)))
         return loss, grad_logprob, grad_entropy if want_grad_entropy else None, metrics
