@@ -187,7 +187,15 @@ class ErgonomicsTest {
             final Map<String, Double> map = m.asMap();
             assertEquals(List.of("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "entropy", "kl", "actor/pg_loss",
                     "actor/pg_clipfrac", "actor/pg_clipfrac_lower", "actor/ppo_kl", "actor/entropy", "actor/kl_loss", "gspo4j/ratio_mean",
-                    "gspo4j/ratio_min", "gspo4j/ratio_max", "gspo4j/sequences", "gspo4j/tokens"), List.copyOf(map.keySet()));
+                    "gspo4j/ratio_min", "gspo4j/ratio_max", "gspo4j/sequences", "gspo4j/tokens", "rollout_corr/rollout_is_mean",
+                    "rollout_corr/rollout_rs_masked_fraction", "rollout_corr/rollout_rs_seq_masked_fraction", "rollout_corr/kl",
+                    "rollout_corr/k3_kl", "gspo4j/entropy_kept_fraction"), List.copyOf(map.keySet()));
+            assertEquals(m.rolloutWeightMean(), map.get("rollout_corr/rollout_is_mean"), 0);
+            assertEquals(m.rolloutMaskedFraction(), map.get("rollout_corr/rollout_rs_masked_fraction"), 0);
+            assertEquals(m.rolloutSeqMaskedFraction(), map.get("rollout_corr/rollout_rs_seq_masked_fraction"), 0);
+            assertEquals(m.rolloutKl(), map.get("rollout_corr/kl"), 0);
+            assertEquals(m.rolloutK3Kl(), map.get("rollout_corr/k3_kl"), 0);
+            assertEquals(m.entropyKeptFraction(), map.get("gspo4j/entropy_kept_fraction"), 0);
             assertEquals(m.clipFractionLow(), map.get("clip_ratio/low_mean"), 0);
             assertEquals(m.clipFractionHigh(), map.get("clip_ratio/high_mean"), 0);
             assertEquals((double) m.clipFractionLow() + m.clipFractionHigh(), map.get("clip_ratio/region_mean"), 0);

@@ -46,6 +46,12 @@ class FuzzTest {
         boolean invalidData;
         PolicyLoss.Builder builder;
         String module;
+        /** The engine's log-probs (rollout correction), or null. */
+        double[] rollout;
+        /** Top-entropy selection: the caller's threshold (NaN: the kernel's quantile), when selecting. */
+        boolean selecting;
+        double threshold = Double.NaN;
+        double rho;
 
         LossCase(Random random) {
             this.random = random;
@@ -77,7 +83,8 @@ class FuzzTest {
 
     static final String[] MUTATIONS = {"dtype", "rank", "targetShape", "targetType", "targetRange", "logitsNaN", "oldNaN",
         "advantageNaN", "maskValue", "advantageShape", "klWithoutRef", "gspoTokenAdvantages", "lastStride", "device",
-        "offsets", "option", "inPlaceLogits", "inPlaceTargets", "negInfLogits", "negBit", "extremeTemperature"};
+        "offsets", "option", "inPlaceLogits", "inPlaceTargets", "negInfLogits", "negBit", "extremeTemperature", "rolloutNaN",
+        "rolloutMissing"};
 
     static void lossCall(Random random, String label, int[] counts) {
         final LossCase c = new LossCase(random);
@@ -161,6 +168,39 @@ class FuzzTest {
         if (random.nextInt(3) == 0) {
             c.builder.temperature(0.5 + random.nextDouble());
         }
+        // Rollout correction and top-entropy selection, in any combination.
+        final boolean needsRollout;
+        if (random.nextInt(3) == 0) {
+            c.rollout = new double[n];
+            for (int i = 0; i < n; i++) {
+                c.rollout[i] = c.old[i] + (random.nextBoolean() ? 0.05 : 1.0) * random.nextGaussian();
+            }
+            final boolean importance = random.nextBoolean();
+            if (importance) {
+                final double cMax = random.nextBoolean() ? Double.POSITIVE_INFINITY : 1 + 3 * random.nextDouble();
+                c.builder.rolloutWeights(Rollout.Level.values()[random.nextInt(3)], Rollout.Mode.values()[random.nextInt(2)],
+                        random.nextBoolean() ? 0 : 0.5 * random.nextDouble(), cMax);
+            }
+            final boolean rejection = random.nextInt(3) == 0;
+            if (rejection) {
+                c.builder.rolloutRejection(Rollout.Divergence.values()[random.nextInt(3)], Rollout.Scope.values()[random.nextInt(4)],
+                        0.01 + random.nextDouble());
+            }
+            needsRollout = importance || rejection;
+            if (!c.tokenAdvantages && random.nextInt(3) == 0) {
+                c.builder.offPolicyMask(random.nextGaussian() * 0.2);
+            }
+        } else {
+            needsRollout = false;
+        }
+        if (random.nextInt(5) == 0) {
+            c.selecting = true;
+            c.rho = random.nextBoolean() ? 1 : 0.05 + 0.95 * random.nextDouble();
+            c.builder.topEntropyQuantile(c.rho);
+            if (random.nextInt(3) == 0) {
+                c.threshold = 3 * random.nextDouble();
+            }
+        }
         c.packed = c.b > 0 && random.nextInt(5) == 0;
         c.strided = !c.packed && random.nextInt(5) == 0;
         final boolean mutate = random.nextInt(100) < 45;
@@ -181,6 +221,8 @@ class FuzzTest {
             case "advantageShape" -> true;
             // Valid data the kernels must take as it is (compared with the composite below).
             case "negBit", "extremeTemperature" -> false;
+            case "rolloutNaN" -> hasCounted && c.rollout != null;
+            case "rolloutMissing" -> needsRollout && n > 0;
             // Decided in runLoss: valid unless a -Inf lands on a counted target or fills a row.
             case "negInfLogits" -> false;
             // Differentiable results refuse a backward after the change (IllegalStateException).
@@ -316,6 +358,20 @@ class FuzzTest {
             if (withRef) {
                 input.refLogProbs(ref);
             }
+            double[] rolloutValues = c.rollout == null ? null : c.rollout.clone();
+            if (m.equals("rolloutNaN") && rolloutValues != null) {
+                for (int i = 0; i < n; i++) {
+                    if (c.mask[i] != 0) {
+                        rolloutValues[i] = Double.NaN;
+                        break;
+                    }
+                }
+            }
+            final Tensor rollout = rolloutValues == null || m.equals("rolloutMissing") ? null : own(owned, floats(rolloutValues, c.b, c.t));
+            input.rolloutLogProbs(rollout);
+            if (c.selecting && !Double.isNaN(c.threshold)) {
+                input.entropyThreshold(c.threshold);
+            }
             if (c.tokenAdvantages) {
                 input.tokenAdvantages(adv);
             } else {
@@ -338,6 +394,9 @@ class FuzzTest {
                 }
                 if (withRef) {
                     input.refLogProbs(own(owned, ref.reshape(-1)));
+                }
+                if (rollout != null) {
+                    input.rolloutLogProbs(own(owned, rollout.reshape(-1)));
                 }
                 if (c.tokenAdvantages) {
                     input.tokenAdvantages(own(owned, adv.reshape(-1)));
@@ -366,7 +425,8 @@ class FuzzTest {
                 if (expectError) {
                     fail(label + " (" + c.module + ", mutation " + m + ") accepted an invalid case");
                 }
-                checkAgainstComposite(c, loss, logits, targets, mask, c.onPolicy ? null : oldTensor, withRef ? ref : null, adv, result, label);
+                checkAgainstComposite(c, loss, logits, targets, mask, c.onPolicy ? null : oldTensor, withRef ? ref : null, adv, result, label,
+                        rollout);
                 counts[0]++;
             }
         } finally {
@@ -456,7 +516,7 @@ class FuzzTest {
     }
 
     static void checkAgainstComposite(LossCase c, PolicyLoss loss, Tensor logits, Tensor targets, Tensor mask, Tensor old, Tensor ref,
-            Tensor adv, LossResult result, String label) {
+            Tensor adv, LossResult result, String label, Tensor rollout) {
         final String what = label + " (" + c.module + " " + c.type + (c.packed ? " packed" : "") + (c.strided ? " strided" : "")
                 + (c.mutation.equals("none") ? "" : ", mutation " + c.mutation) + ", temperature " + loss.temperature() + ")";
         final boolean anyCounted = Arrays.stream(c.mask).anyMatch(m -> m != 0);
@@ -472,7 +532,30 @@ class FuzzTest {
         final LossSettings settings = PolicyLossModuleTest.settingsOf(loss);
         final double temperature = loss.temperature();
         try (Tensor reference = logits.detach().to(ScalarType.Double).contiguous().set_requires_grad(true)) {
-            final CompositeLoss.Output want = CompositeLoss.compute(settings, temperature, reference, targets, mask, old, ref, adv, c.tokenAdvantages);
+            // Top-entropy selection: the kept tokens by the kernel's own entropies and the threshold
+            // (the caller's, or numpy's quantile of the counted ones).
+            Tensor keep = null;
+            if (c.selecting) {
+                final float[] h = RolloutCorrectionTest.floats(result.entropy());
+                final List<Double> counted = new ArrayList<>();
+                for (int i = 0; i < h.length; i++) {
+                    if (c.mask[i] != 0) {
+                        counted.add((double) h[i]);
+                    }
+                }
+                final double threshold = !Double.isNaN(c.threshold) ? c.threshold
+                        : RolloutCorrectionTest.quantile(counted.stream().mapToDouble(Double::doubleValue).toArray(), 1 - c.rho);
+                final double[] k = new double[h.length];
+                for (int i = 0; i < k.length; i++) {
+                    k[i] = h[i] >= threshold ? 1 : 0;
+                }
+                keep = floats(k, c.b, c.t);
+            }
+            final CompositeLoss.Output want = CompositeLoss.compute(settings, temperature, reference, targets, mask, old, ref, adv,
+                    c.tokenAdvantages, null, rollout, keep);
+            if (keep != null) {
+                keep.close();
+            }
             want.loss().backward();
             final double w = want.loss().item_double();
             if (!(Math.abs(w - value) <= 1e-4 * Math.abs(w) + 1e-5)) {
