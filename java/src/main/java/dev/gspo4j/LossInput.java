@@ -181,8 +181,7 @@ public final class LossInput {
          * The entropy threshold of top-entropy selection for this call, in place of the quantile of
          * this call's own tokens: only counted tokens with {@code H >= threshold} keep their policy
          * term. For data-parallel training pass the quantile of the whole step's entropies (gathered
-         * over the ranks, as TRL does), so that every rank selects by the same threshold; see
-         * {@link PolicyLoss#entropyThreshold}.
+         * over the ranks, as TRL does), so that every rank selects by the same threshold.
          *
          * @param threshold any number but NaN ({@code -Infinity} keeps every token); needs the loss's
          *     {@link PolicyLoss.Builder#topEntropyQuantile}

@@ -250,6 +250,9 @@ public final class CompositeLoss {
         if (tw.mode() == Rollout.Mode.MASK) {
             return rho.mul(lo.logical_and(hi).to(rho.scalar_type()));
         }
+        if (tw.cMin() <= 0 && tw.cMax() == Double.POSITIVE_INFINITY) {
+            return rho;
+        }
         return rho.clamp(tw.cMin() > 0 ? s(tw.cMin()) : new ScalarOptional(),
                 tw.cMax() < Double.POSITIVE_INFINITY ? s(tw.cMax()) : new ScalarOptional());
     }

@@ -222,7 +222,7 @@ class FuzzTest {
             // Valid data the kernels must take as it is (compared with the composite below).
             case "negBit", "extremeTemperature" -> false;
             case "rolloutNaN" -> hasCounted && c.rollout != null;
-            case "rolloutMissing" -> needsRollout && n > 0;
+            case "rolloutMissing" -> needsRollout;
             // Decided in runLoss: valid unless a -Inf lands on a counted target or fills a row.
             case "negInfLogits" -> false;
             // Differentiable results refuse a backward after the change (IllegalStateException).
