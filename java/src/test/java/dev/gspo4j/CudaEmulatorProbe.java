@@ -160,16 +160,6 @@ public final class CudaEmulatorProbe {
                 Layout.PADDED, false, false);
         lossCase("GSPO split rows", PolicyLoss.gspo().clip(3e-3, 4e-3).entropyCoefficient(0.01), wide, ScalarType.BFloat16,
                 Layout.PACKED, false, false);
-        // Rollout correction and top-entropy selection (the threshold computed and read on the device).
-        lossCase("GRPO TIS token + k3 rejection", PolicyLoss.grpo().rolloutWeights(Rollout.Level.TOKEN, Rollout.Mode.TRUNCATE, 0, 1.5)
-                .rolloutRejection(Rollout.Divergence.K3, Rollout.Scope.TOKEN, 0.05), odd, ScalarType.Float, Layout.PACKED, true, false, 0.2);
-        lossCase("GSPO MIS sequence + off-policy mask", PolicyLoss.gspo().clip(3e-3, 4e-3)
-                .rolloutWeights(Rollout.Level.SEQUENCE, Rollout.Mode.MASK, 0, 3).offPolicyMask(0), small, ScalarType.BFloat16,
-                Layout.PADDED, false, false, 0.03);
-        lossCase("GRPO top-entropy 0.4 + k1 mean", PolicyLoss.grpo().topEntropyQuantile(0.4)
-                .rolloutRejection(Rollout.Divergence.K1, Rollout.Scope.MEAN, 0.1), odd, ScalarType.Float, Layout.STRIDED, false, true, 0.1);
-        lossCase("GMPO top-entropy 0.5", PolicyLoss.gmpo().clip(0.1, 0.1).topEntropyQuantile(0.5), odd, ScalarType.Half,
-                Layout.PACKED, false, false);
     }
 
     /** A case's inputs as tensors, built from a {@link Batch} in one of three layouts. */
@@ -184,7 +174,6 @@ public final class CudaEmulatorProbe {
         final Tensor ref;
         final Tensor advantages;
         final Tensor offsets;
-        Tensor rollout; // the engine's log-probs (old + noise), or null
 
         Inputs(Batch batch, Layout layout, boolean tokenAdvantages) {
             this.layout = layout;
@@ -265,25 +254,8 @@ public final class CudaEmulatorProbe {
             return layout == Layout.STRIDED ? leaf.narrow(1, 0, tokensPerResponse) : new Tensor(leaf);
         }
 
-        /** Adds rollout log-probs: the old ones plus seeded noise of {@code spread}. */
-        Inputs withRollout(double spread) {
-            final float[] values = new float[(int) old.numel()];
-            try (Tensor flat = old.contiguous()) {
-                flat.data_ptr_float().get(values);
-            }
-            final java.util.Random random = new java.util.Random(7);
-            for (int i = 0; i < values.length; i++) {
-                values[i] += (float) (spread * random.nextGaussian());
-            }
-            try (Tensor raw = Tensor.create(values)) {
-                rollout = raw.reshape(Tensors.shape(old));
-            }
-            return this;
-        }
-
         LossInput input(Tensor logits, boolean tokenAdvantages, boolean onPolicy) {
-            final LossInput.Builder in = LossInput.builder().logits(logits).targets(targets).mask(mask).refLogProbs(ref)
-                    .rolloutLogProbs(rollout);
+            final LossInput.Builder in = LossInput.builder().logits(logits).targets(targets).mask(mask).refLogProbs(ref);
             if (!onPolicy) {
                 in.oldLogProbs(old);
             }
@@ -300,7 +272,7 @@ public final class CudaEmulatorProbe {
 
         @Override
         public void close() {
-            for (Tensor t : new Tensor[] {targets, mask, old, ref, advantages, offsets, rollout}) {
+            for (Tensor t : new Tensor[] {targets, mask, old, ref, advantages, offsets}) {
                 if (t != null) {
                     t.close();
                 }
@@ -352,17 +324,10 @@ public final class CudaEmulatorProbe {
 
     private static void lossCase(String name, PolicyLoss.Builder builder, Batch batch, ScalarType type, Layout layout,
             boolean tokenAdvantages, boolean onPolicy) {
-        lossCase(name, builder, batch, type, layout, tokenAdvantages, onPolicy, 0);
-    }
-
-    // rolloutSpread > 0: with rollout log-probs that far from the old ones.
-    private static void lossCase(String name, PolicyLoss.Builder builder, Batch batch, ScalarType type, Layout layout,
-            boolean tokenAdvantages, boolean onPolicy, double rolloutSpread) {
         final long start = System.nanoTime();
         final PolicyLoss loss = builder.build();
         final String label = name + " " + layout.name().toLowerCase() + " " + type + " V=" + batch.v;
-        try (Inputs inputs = rolloutSpread > 0 ? new Inputs(batch, layout, tokenAdvantages).withRollout(rolloutSpread)
-                : new Inputs(batch, layout, tokenAdvantages);
+        try (Inputs inputs = new Inputs(batch, layout, tokenAdvantages);
                 Outcome cpu = run(loss, inputs, type, tokenAdvantages, onPolicy);
                 Outcome cuda = emulated(() -> run(loss, inputs, type, tokenAdvantages, onPolicy))) {
             assertClose(cpu.loss, cuda.loss, VALUE_RELATIVE, VALUE_ABSOLUTE, label + " loss");
@@ -508,13 +473,6 @@ public final class CudaEmulatorProbe {
                 advantages.data_ptr_float().put(2, Float.NaN);
                 badOnBoth("NaN advantage", () -> grpo.compute(LossInput.builder().logits(logits).targets(padded.targets).mask(padded.mask)
                         .oldLogProbs(padded.old).refLogProbs(padded.ref).advantages(advantages).build()).close(), "advantages[2] = NaN");
-            }
-            // NaN in the engine's log-probs, named by both paths.
-            try (Tensor rollout = padded.old.clone()) {
-                rollout.data_ptr_float().put(0, Float.NaN);
-                badOnBoth("NaN rollout log-prob", () -> grpo.compute(LossInput.builder().logits(logits).targets(padded.targets)
-                        .mask(padded.mask).oldLogProbs(padded.old).refLogProbs(padded.ref).rolloutLogProbs(rollout)
-                        .advantages(padded.advantages).build()).close(), "rolloutLogProbs[0, 0] = NaN");
             }
         }
         // Packed offsets that decrease, and offsets that do not end at N.
