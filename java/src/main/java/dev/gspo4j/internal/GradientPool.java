@@ -233,6 +233,17 @@ public final class GradientPool {
         }
     }
 
+    /** Whether {@code t}'s memory is a block handed out now (its tensor not yet freed by libtorch). */
+    public static boolean handedOut(Tensor t) {
+        final long address;
+        try (Pointer data = t.data_ptr()) {
+            address = data.address();
+        }
+        synchronized (LOCK) {
+            return IN_USE.containsKey(address);
+        }
+    }
+
     /** Requests served from an idle block, and blocks allocated, since the process started. */
     public static long[] counters() {
         synchronized (LOCK) {
