@@ -5,7 +5,7 @@
 # cuda/policy_loss.cu are compiled again on their own (nvcc -ptx, then ptxas -v on that PTX: the
 # same front end and ptxas arguments as the gspo4j target's own compile), and the build fails when
 # - a checked kernel spills or has a stack frame (ptxas -v): forward_kernel<D, kThreads> and
-#   backward_kernel<D, kThreads> for every dtype and CTA size, and the four policy-loss kernels;
+#   backward_kernel<D, kThreads> for every dtype and CTA size, and the five policy-loss kernels (entropy_threshold_kernel among them);
 # - a token log-prob kernel's PTX entry lacks the main loop's 128-bit streaming accesses:
 #   ld.global.cs.v4 in the forward and the backward, st.global.cs.v4 in the backward;
 # - a kernel the check expects is not there (renamed, or an instantiation lost).
@@ -139,7 +139,7 @@ function(expected_kernels group out)
       endforeach()
     endforeach()
   elseif(group STREQUAL "policy_loss")
-    foreach(kernel response_stats_kernel scales_kernel coefficients_kernel finish_kernel)
+    foreach(kernel response_stats_kernel scales_kernel coefficients_kernel finish_kernel entropy_threshold_kernel)
       string(LENGTH "${kernel}" kernel_length)
       list(APPEND result "${kernel}|${kernel_length}${kernel}E|")
     endforeach()

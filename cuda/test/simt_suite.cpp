@@ -1173,6 +1173,111 @@ void sequence_log_ratio_section() {
     }
 }
 
+// ---- Top-entropy threshold ---------------------------------------------------------------------
+
+// numpy.quantile(values, q), method "linear", written out from its definition in float64 (a
+// sort, not the kernels' selection on keys).
+double numpy_quantile(std::vector<double> values, double q) {
+    if (values.empty()) return kInf;
+    for (double v : values) {
+        if (std::isnan(v)) return kNaN;
+    }
+    std::sort(values.begin(), values.end());
+    const double position = static_cast<double>(values.size() - 1) * q;
+    const size_t k = static_cast<size_t>(std::floor(position));
+    if (k + 1 >= values.size()) return values.back();
+    const double t = position - static_cast<double>(k);
+    const double a = values[k], b = values[k + 1];
+    return t >= 0.5 ? b - (b - a) * (1.0 - t) : a + (b - a) * t;
+}
+
+void entropy_threshold_case(const std::string& what, const std::vector<float>& entropy, const std::vector<uint8_t>& mask, double rho,
+                            bool check) {
+    if (!selected(what, false)) return;
+    std::vector<double> counted;
+    bool non_finite = false;
+    for (size_t i = 0; i < entropy.size(); ++i) {
+        if (mask.empty() || mask[i] != 0) {
+            counted.push_back(entropy[i]);
+            non_finite = non_finite || !std::isfinite(entropy[i]);
+        }
+    }
+    const double expected = numpy_quantile(counted, 1.0 - rho);
+    also_check = [&](const std::string& label, const Result& r) {
+        if (check && non_finite) {
+            report.expect(r.status == GSPO4J_ERROR_NON_FINITE && r.message.find("entropy[") != std::string::npos,
+                          label + ": a non-finite counted entropy is an error naming entropy[]: " + r.message);
+            return;
+        }
+        const double got = element(r.outputs[0], 0);
+        const bool same = std::isnan(expected) ? std::isnan(got) : got == expected;
+        report.expect(r.status == GSPO4J_OK && same, label + format(": threshold %.17g, numpy's quantile %.17g (status %d %s)", got, expected,
+                                                                    r.status, r.message.c_str()));
+    };
+    compare(what,
+            [&](int device) {
+                const bool d = device == kCuda;
+                const Buffer h = input(entropy, d), m = input(mask, d);
+                Buffer t = output<double>(1, d);
+                Result result = finish(device, gspo4j_entropy_threshold(device, nullptr, static_cast<int64_t>(entropy.size()), h.as<float>(),
+                                                                        mask.empty() ? nullptr : m.as<uint8_t>(), rho, check, t.as<double>()));
+                result.add("threshold", Kind::kFloat64, t);
+                return result;
+            },
+            [](const std::string&) { return Tolerance{0.0, 0.0}; });  // the same keys and ranks: the same bits
+    also_check = nullptr;
+}
+
+void entropy_threshold_section() {
+    const double rhos[] = {1.0, 0.8, 0.5, 0.2, 0.1, 0.01, 1e-9};
+    long turn = 0;
+    for (int64_t n : {int64_t{0}, int64_t{1}, int64_t{2}, int64_t{3}, int64_t{17}, int64_t{1000}, int64_t{4099}, int64_t{20000}}) {
+        for (int fill = 0; fill < 4; ++fill) {
+            // 0: entropies of a softmax (>= 0, spread); 1: few distinct values (long runs of equal
+            // keys); 2: signed values and both zeros (the kernel is general); 3: huge and tiny.
+            std::vector<float> h(static_cast<size_t>(n));
+            for (auto& x : h) {
+                switch (fill) {
+                    case 0: x = uniform(0.0f, 6.0f); break;
+                    case 1: x = static_cast<float>(uniform_int(0, 3)) * 0.25f; break;
+                    case 2: x = uniform_int(0, 4) == 0 ? (uniform_int(0, 1) ? 0.0f : -0.0f) : normal(2.0f); break;
+                    default: x = uniform_int(0, 1) ? uniform(0.0f, 1e-30f) : uniform(1e30f, 3e38f); break;
+                }
+            }
+            for (int masking = 0; masking < 3; ++masking) {
+                std::vector<uint8_t> mask;
+                if (masking > 0) {
+                    mask.resize(h.size());
+                    for (auto& m : mask) m = masking == 2 ? 0 : static_cast<uint8_t>(uniform_int(0, 2) != 0 ? uniform_int(1, 255) : 0);
+                }
+                const double rho = rhos[turn++ % 7];
+                entropy_threshold_case(format("entropy_threshold n=%lld fill=%d mask=%d rho=%g", static_cast<long long>(n), fill, masking, rho), h,
+                                       mask, rho, true);
+            }
+        }
+    }
+    // Every rho on one set, and ranks on both sides of t = 0.5.
+    std::vector<float> h(101);
+    for (auto& x : h) x = uniform(0.0f, 3.0f);
+    for (double rho : {1.0, 0.995, 0.9951, 0.75, 0.5, 0.333, 0.25, 0.005, 0.004}) {
+        entropy_threshold_case(format("entropy_threshold n=101 rho=%g", rho), h, {}, rho, true);
+    }
+    // Non-finite values: errors naming entropy[] with checking on (also masked-out ones are
+    // ignored), numpy's answer without it (+Inf sorts last; NaN gives NaN).
+    for (float bad : {kNaN, kInf, -kInf}) {
+        for (size_t at : {size_t{0}, size_t{57}, size_t{100}}) {
+            std::vector<float> with_bad = h;
+            with_bad[at] = bad;
+            for (bool check : {true, false}) {
+                entropy_threshold_case(format("entropy_threshold %g at %zu check=%d", bad, at, check), with_bad, {}, 0.2, check);
+            }
+            std::vector<uint8_t> mask(h.size(), 1);
+            mask[at] = 0;
+            entropy_threshold_case(format("entropy_threshold %g at %zu masked out", bad, at), with_bad, mask, 0.2, true);
+        }
+    }
+}
+
 // ---- Advantages ---------------------------------------------------------------------------------
 
 void group_advantages_case(const std::string& what, const std::vector<float>& rewards, int64_t group_size, const std::vector<int64_t>& ids,
@@ -1586,6 +1691,7 @@ int main(int argc, char** argv) {
         {"split rows", split_rows_section},
         {"policy loss", policy_loss_section},
         {"sequence log-ratio", sequence_log_ratio_section},
+        {"entropy threshold", entropy_threshold_section},
         {"advantages", advantages_section},
         {"gae", gae_section},
         {"errors", errors_section},

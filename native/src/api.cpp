@@ -398,6 +398,19 @@ gspo4j_status gspo4j_policy_loss(int32_t device, void* stream, const gspo4j_loss
     GSPO4J_API_END()
 }
 
+gspo4j_status gspo4j_entropy_threshold(int32_t device, void* stream, int64_t tokens, const float* entropy, const uint8_t* mask,
+                                       double rho, int32_t check_finite, double* threshold) {
+    GSPO4J_API_BEGIN()
+    const Checker check("gspo4j_entropy_threshold");
+    check.device(device, stream);
+    check.non_negative(tokens, "tokens");
+    check.require(rho > 0.0 && rho <= 1.0, "rho must be in (0, 1], got " + std::to_string(rho));
+    check.pointer(threshold, "threshold");
+    if (tokens > 0) check.pointer(entropy, "entropy");
+    GSPO4J_ON_DEVICE(device, stream, entropy_threshold, tokens, entropy, mask, rho, check_finite != 0, threshold);
+    GSPO4J_API_END()
+}
+
 gspo4j_status gspo4j_group_advantages(int32_t device, void* stream, int64_t count, const float* rewards, int64_t group_size,
                                       const int64_t* group_ids, int32_t mode, double eps, int32_t check_finite,
                                       float* advantages) {

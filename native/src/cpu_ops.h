@@ -27,6 +27,8 @@ void policy_loss(const gspo4j_loss_config& config, const TokenLayout& layout, co
                  bool advantages_per_token, const float* ref_logprob, const float* entropy, const double* entropy_threshold,
                  float* loss, float* grad_logprob, float* grad_entropy, float* metrics);
 
+void entropy_threshold(int64_t tokens, const float* entropy, const uint8_t* mask, double rho, bool check_finite,
+                       double* threshold);
 void group_advantages(int64_t count, const float* rewards, int64_t group_size, const int64_t* group_ids,
                       int32_t mode, double eps, bool check_finite, float* advantages);
 

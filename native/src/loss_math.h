@@ -699,6 +699,33 @@ GSPO4J_HOST_DEVICE inline void gae_response(int64_t begin, int64_t end, const fl
     }
 }
 
+// ---- Top-entropy selection's threshold (gspo4j_entropy_threshold) ----------------------------
+
+// A float's bits as an unsigned key whose order is the float order (-Inf < ... < -0 < +0 < ... <
+// +Inf); NaN is kept out by the callers. Both devices select on keys, so they pick the same bits.
+GSPO4J_HOST_DEVICE inline uint32_t order_key(uint32_t bits) { return (bits & 0x80000000u) ? ~bits : bits | 0x80000000u; }
+GSPO4J_HOST_DEVICE inline uint32_t key_bits(uint32_t key) { return (key & 0x80000000u) ? key & 0x7fffffffu : ~key; }
+
+// numpy.quantile's linear method: the ranks to select among n >= 1 sorted values and the weight
+// of the upper one. position = (n - 1) q, q = 1 - rho, in float64 (float32 picks other ranks).
+struct QuantileRank {
+    int64_t k;   // the lower rank
+    double t;    // p - k
+    bool upper;  // whether v[k+1] takes part (k < n - 1)
+};
+
+GSPO4J_HOST_DEVICE inline QuantileRank quantile_rank(int64_t n, double rho) {
+    const double position = static_cast<double>(n - 1) * (1.0 - rho);
+    const int64_t k = static_cast<int64_t>(position);  // position >= 0: truncation is floor
+    if (k >= n - 1) return QuantileRank{n - 1, 0.0, false};
+    return QuantileRank{k, position - static_cast<double>(k), true};
+}
+
+// numpy's _lerp: from the upper end when t >= 0.5.
+GSPO4J_HOST_DEVICE inline double quantile_lerp(double a, double b, double t) {
+    return t >= 0.5 ? b - (b - a) * (1.0 - t) : a + (b - a) * t;
+}
+
 }  // namespace math
 }  // namespace gspo4j
 

@@ -3,6 +3,8 @@
 // are then added in response order so the loss does not depend on the thread count.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -192,6 +194,44 @@ void policy_loss(const gspo4j_loss_config& config, const TokenLayout& layout, co
     math::Partial total;
     for (const math::Partial& part : partials) total.add(part);
     math::finish_loss(config, total, scales, weight_totals, weighted, entropy_threshold != nullptr, loss, metrics);
+}
+
+// The (1 - rho) quantile of the counted entropies: a selection (nth_element) on the order keys, then
+// the smallest key above the k-th for the upper rank; the same keys and ranks as the CUDA kernel.
+void entropy_threshold(int64_t tokens, const float* entropy, const uint8_t* mask, double rho, bool check_finite,
+                       double* threshold) {
+    std::vector<uint32_t> keys;
+    bool any_nan = false;
+    for (int64_t i = 0; i < tokens; ++i) {
+        if (!counted(mask, i)) continue;
+        if (check_finite) require_finite(entropy, "entropy", i);
+        if (std::isnan(entropy[i])) {
+            any_nan = true;
+            continue;
+        }
+        uint32_t bits;
+        std::memcpy(&bits, &entropy[i], sizeof bits);
+        keys.push_back(math::order_key(bits));
+    }
+    if (any_nan) {
+        *threshold = std::numeric_limits<double>::quiet_NaN();
+        return;
+    }
+    if (keys.empty()) {
+        *threshold = std::numeric_limits<double>::infinity();
+        return;
+    }
+    const math::QuantileRank rank = math::quantile_rank(static_cast<int64_t>(keys.size()), rho);
+    const auto kth = keys.begin() + rank.k;
+    std::nth_element(keys.begin(), kth, keys.end());
+    const auto value = [](uint32_t key) {
+        const uint32_t bits = math::key_bits(key);
+        float v;
+        std::memcpy(&v, &bits, sizeof v);
+        return static_cast<double>(v);
+    };
+    const double a = value(*kth);
+    *threshold = rank.upper ? math::quantile_lerp(a, value(*std::min_element(kth + 1, keys.end())), rank.t) : a;
 }
 
 }  // namespace cpu

@@ -342,6 +342,22 @@ GSPO4J_API gspo4j_status gspo4j_policy_loss(
     float* loss, float* grad_logprob, float* grad_entropy, float* metrics);
 
 /*
+ * Top-entropy selection's threshold (docs/math.md "Token selection"): the (1 - rho) quantile of
+ * the counted tokens' entropies (float32[tokens]; mask NULL counts every token), numpy.quantile's
+ * default linear method in float64: sorted values v of the n counted tokens, position
+ * p = (n - 1)(1 - rho), k = floor(p), t = p - k, and v[k] + t (v[k+1] - v[k]) (from the upper
+ * end, v[k+1] - (1 - t)(v[k+1] - v[k]), when t >= 0.5; v[n-1] when k = n - 1). -0 sorts before
+ * +0. Writes one double to *threshold (device memory on CUDA, where it stays: the result feeds
+ * gspo4j_policy_loss's entropy_threshold without a host sync). No counted token: +Inf (nothing
+ * kept). A NaN or Inf at a counted token is an error with check_finite; without it a NaN gives a
+ * NaN threshold (nothing kept), as numpy gives NaN. rho in (0, 1].
+ */
+GSPO4J_API gspo4j_status gspo4j_entropy_threshold(
+    int32_t device, void* stream,
+    int64_t tokens, const float* entropy, const uint8_t* mask,
+    double rho, int32_t check_finite, double* threshold);
+
+/*
  * Group-relative advantages of outcome rewards (float32[count]).
  * Groups are contiguous runs of group_size responses (group_ids NULL; group_size must divide
  * count) or the responses sharing a value of group_ids (int64[count]; group_size ignored).
