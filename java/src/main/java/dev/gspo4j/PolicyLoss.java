@@ -508,7 +508,7 @@ public final class PolicyLoss {
          * LossInput.Builder#entropyThreshold}, for data-parallel steps). The denominators still count
          * every counted token (as TRL's); the entropy bonus and the KL term are not restricted (TRL
          * masks its entropy bonus too); a sequence objective's term is multiplied by the kept
-         * fraction of its tokens. (On CUDA the quantile is taken on the host for now: one read of the entropies.)
+         * fraction of its tokens.
          *
          * @param rho the kept fraction, in (0, 1]; 1 keeps every token
          * @return this builder
@@ -681,18 +681,12 @@ public final class PolicyLoss {
                             threshold.fill_(fill);
                         }
                     } else {
-                        // The quantile on the host (on CUDA a read of the entropies: a sync).
-                        final double cutValue;
-                        try (Tensor h = entropy.cpu(); Tensor hc = h.contiguous(); Tensor m = in.mask == null ? null : in.mask.cpu();
-                                Tensor mc = m == null ? null : m.contiguous();
-                                org.bytedeco.javacpp.DoublePointer out = new org.bytedeco.javacpp.DoublePointer(1)) {
-                            Kernels.entropyThreshold(Device.CPU, null, in.layout.tokens(), Tensors.floats(hc), Tensors.bytes(mc),
-                                    settings.weights().topEntropyRho(), settings.checkFinite(), out);
-                            cutValue = out.get(0);
-                        }
-                        try (Scalar fill = new Scalar(cutValue)) {
-                            threshold.fill_(fill);
-                        }
+                        // The quantile on the tensors' device, into the threshold the loss kernels
+                        // read there: no host sync on CUDA.
+                        final Tensor cutOut = threshold;
+                        in.translate(() -> Kernels.entropyThreshold(device, stream, in.layout.tokens(), Tensors.floats(entropy),
+                                Tensors.bytes(in.mask), settings.weights().topEntropyRho(), settings.checkFinite(),
+                                Tensors.doubles(cutOut)));
                     }
                 }
                 final Tensor cut = threshold;

@@ -58,6 +58,7 @@ public final class CudaEmulatorProbe {
         torch.set_num_threads(1);
         torch.manual_seed(7);
         losses();
+        linear();
         advantages();
         tokenLogProbs();
         badData();
@@ -160,6 +161,16 @@ public final class CudaEmulatorProbe {
                 Layout.PADDED, false, false);
         lossCase("GSPO split rows", PolicyLoss.gspo().clip(3e-3, 4e-3).entropyCoefficient(0.01), wide, ScalarType.BFloat16,
                 Layout.PACKED, false, false);
+        // Rollout correction and top-entropy selection (the threshold computed and read on the device).
+        lossCase("GRPO TIS token + k3 rejection", PolicyLoss.grpo().rolloutWeights(Rollout.Level.TOKEN, Rollout.Mode.TRUNCATE, 0, 1.5)
+                .rolloutRejection(Rollout.Divergence.K3, Rollout.Scope.TOKEN, 0.05), odd, ScalarType.Float, Layout.PACKED, true, false, 0.2);
+        lossCase("GSPO MIS sequence + off-policy mask", PolicyLoss.gspo().clip(3e-3, 4e-3)
+                .rolloutWeights(Rollout.Level.SEQUENCE, Rollout.Mode.MASK, 0, 3).offPolicyMask(0), odd, ScalarType.BFloat16,
+                Layout.PADDED, false, true, 0.03); // on-policy (at this clip off-policy ratios clip), one A_b > 0 the mask keeps
+        lossCase("GRPO top-entropy 0.4 + k1 mean", PolicyLoss.grpo().topEntropyQuantile(0.4)
+                .rolloutRejection(Rollout.Divergence.K1, Rollout.Scope.MEAN, 0.1), odd, ScalarType.Float, Layout.STRIDED, false, false, 0.1);
+        lossCase("GMPO top-entropy 0.5", PolicyLoss.gmpo().clip(0.1, 0.1).topEntropyQuantile(0.5), odd, ScalarType.Half,
+                Layout.PACKED, false, false);
     }
 
     /** A case's inputs as tensors, built from a {@link Batch} in one of three layouts. */
@@ -174,6 +185,7 @@ public final class CudaEmulatorProbe {
         final Tensor ref;
         final Tensor advantages;
         final Tensor offsets;
+        Tensor rollout; // the engine's log-probs (old + noise), or null
 
         Inputs(Batch batch, Layout layout, boolean tokenAdvantages) {
             this.layout = layout;
@@ -254,8 +266,25 @@ public final class CudaEmulatorProbe {
             return layout == Layout.STRIDED ? leaf.narrow(1, 0, tokensPerResponse) : new Tensor(leaf);
         }
 
+        /** Adds rollout log-probs: the old ones plus seeded noise of {@code spread}. */
+        Inputs withRollout(double spread) {
+            final float[] values = new float[(int) old.numel()];
+            try (Tensor flat = old.contiguous()) {
+                flat.data_ptr_float().get(values);
+            }
+            final java.util.Random random = new java.util.Random(7);
+            for (int i = 0; i < values.length; i++) {
+                values[i] += (float) (spread * random.nextGaussian());
+            }
+            try (Tensor raw = Tensor.create(values)) {
+                rollout = raw.reshape(Tensors.shape(old));
+            }
+            return this;
+        }
+
         LossInput input(Tensor logits, boolean tokenAdvantages, boolean onPolicy) {
-            final LossInput.Builder in = LossInput.builder().logits(logits).targets(targets).mask(mask).refLogProbs(ref);
+            final LossInput.Builder in = LossInput.builder().logits(logits).targets(targets).mask(mask).refLogProbs(ref)
+                    .rolloutLogProbs(rollout);
             if (!onPolicy) {
                 in.oldLogProbs(old);
             }
@@ -272,7 +301,7 @@ public final class CudaEmulatorProbe {
 
         @Override
         public void close() {
-            for (Tensor t : new Tensor[] {targets, mask, old, ref, advantages, offsets}) {
+            for (Tensor t : new Tensor[] {targets, mask, old, ref, advantages, offsets, rollout}) {
                 if (t != null) {
                     t.close();
                 }
@@ -324,10 +353,17 @@ public final class CudaEmulatorProbe {
 
     private static void lossCase(String name, PolicyLoss.Builder builder, Batch batch, ScalarType type, Layout layout,
             boolean tokenAdvantages, boolean onPolicy) {
+        lossCase(name, builder, batch, type, layout, tokenAdvantages, onPolicy, 0);
+    }
+
+    // rolloutSpread > 0: with rollout log-probs that far from the old ones.
+    private static void lossCase(String name, PolicyLoss.Builder builder, Batch batch, ScalarType type, Layout layout,
+            boolean tokenAdvantages, boolean onPolicy, double rolloutSpread) {
         final long start = System.nanoTime();
         final PolicyLoss loss = builder.build();
         final String label = name + " " + layout.name().toLowerCase() + " " + type + " V=" + batch.v;
-        try (Inputs inputs = new Inputs(batch, layout, tokenAdvantages);
+        try (Inputs inputs = rolloutSpread > 0 ? new Inputs(batch, layout, tokenAdvantages).withRollout(rolloutSpread)
+                : new Inputs(batch, layout, tokenAdvantages);
                 Outcome cpu = run(loss, inputs, type, tokenAdvantages, onPolicy);
                 Outcome cuda = emulated(() -> run(loss, inputs, type, tokenAdvantages, onPolicy))) {
             assertClose(cpu.loss, cuda.loss, VALUE_RELATIVE, VALUE_ABSOLUTE, label + " loss");
@@ -344,6 +380,81 @@ public final class CudaEmulatorProbe {
             assertClose(cpu.gradientGraph, cuda.gradientGraph, relative, 1e-6 * scale, label + " gradient, loss().backward()");
             assertClose(cpu.gradientScaled, cuda.gradientScaled, relative, 1e-6 * scale, label + " gradient, backward(0.5)");
             checks += 2;
+        }
+        cases++;
+        System.out.printf("case %s: %.0f ms%n", label, (System.nanoTime() - start) / 1e6);
+    }
+
+    // ---- The fused linear path ----------------------------------------------------------------------
+
+    private static void linear() {
+        // Chunks of 2 and 3 rows: responses split across chunks; 64 rows: one chunk for all.
+        linearCase("GSPO", PolicyLoss.gspo().clip(0.05, 0.05), false, ScalarType.Float, 3, false);
+        linearCase("GSPO kl+entropy tau=0.7", PolicyLoss.gspo().clip(0.05, 0.05).temperature(0.7).entropyCoefficient(0.01)
+                .kl(0.05, KlEstimator.K3), true, ScalarType.BFloat16, 2, true);
+        linearCase("GRPO kl+entropy", PolicyLoss.grpo().entropyCoefficient(0.01).kl(0.05, KlEstimator.K3), true, ScalarType.Float, 2,
+                true);
+        linearCase("PPO dual-clip", PolicyLoss.ppo().dualClip(3), false, ScalarType.BFloat16, 64, false);
+        linearCase("GRPO top-entropy 0.5", PolicyLoss.grpo().topEntropyQuantile(0.5), true, ScalarType.Float, 3, false);
+    }
+
+    /** The fused linear path's values and the gradients of hidden states, weight and bias, by backward() and loss().backward(). */
+    private record LinearOutcome(Tensor loss, Tensor logProbs, Tensor entropy, Tensor metrics, Tensor[] direct, Tensor[] graph)
+            implements AutoCloseable {
+        @Override
+        public void close() {
+            for (Tensor t : new Tensor[] {loss, logProbs, entropy, metrics}) {
+                t.close();
+            }
+            for (Tensor[] g : new Tensor[][] {direct, graph}) {
+                for (Tensor t : g) {
+                    t.close();
+                }
+            }
+        }
+    }
+
+    private static LinearOutcome runLinear(PolicyLoss loss, LinearLossTest.Problem p, ScalarType type, int chunkRows, boolean options) {
+        final Supplier<LossInput> input = () -> p.common(LossInput.builder().hiddenStates(p.hidden, p.weight, p.bias)
+                .logitsChunkBytes(LinearLossTest.chunkBytes(chunkRows, type)), options).build();
+        try (LossResult result = loss.compute(input.get())) {
+            assertTrue(result.differentiable());
+            result.backward();
+            final Tensor[] direct = p.grads();
+            p.zeroGrads();
+            try (LossResult again = loss.compute(input.get())) {
+                again.loss().backward();
+            }
+            final Tensor[] graph = p.grads();
+            p.zeroGrads();
+            return new LinearOutcome(result.lossValue().clone(), result.logProbs().clone(), result.entropy().clone(),
+                    result.metrics().tensor().clone(), direct, graph);
+        }
+    }
+
+    private static void linearCase(String name, PolicyLoss.Builder builder, boolean packed, ScalarType type, int chunkRows,
+            boolean options) {
+        final long start = System.nanoTime();
+        final PolicyLoss loss = builder.build();
+        final String label = "linear " + name + (packed ? " packed " : " padded ") + type + " chunk=" + chunkRows;
+        try (LinearLossTest.Problem p = new LinearLossTest.Problem(41, packed, type, 0.05);
+                LinearOutcome cpu = runLinear(loss, p, type, chunkRows, options);
+                LinearOutcome cuda = emulated(() -> runLinear(loss, p, type, chunkRows, options))) {
+            assertClose(cpu.loss, cuda.loss, VALUE_RELATIVE, VALUE_ABSOLUTE, label + " loss");
+            assertClose(cpu.logProbs, cuda.logProbs, VALUE_RELATIVE, 1e-5, label + " log-probs");
+            assertClose(cpu.entropy, cuda.entropy, VALUE_RELATIVE, 1e-5, label + " entropy");
+            assertClose(cpu.metrics, cuda.metrics, VALUE_RELATIVE, VALUE_ABSOLUTE, label + " metrics");
+            final String[] names = {"hidden states", "weight", "bias"};
+            for (int i = 0; i < 3; i++) {
+                final double scale = PolicyLossModuleTest.maxAbs(cpu.direct[i]);
+                assertTrue(scale > 0, label + ": a zero " + names[i] + " gradient compares nothing");
+                // The chunk's logit gradient one rounding of its dtype apart, then the same CPU GEMMs.
+                final double relative = type == ScalarType.BFloat16 ? 1.6e-2 : 1e-5;
+                final double absolute = (type == ScalarType.BFloat16 ? 4e-3 : 1e-6) * scale;
+                assertClose(cpu.direct[i], cuda.direct[i], relative, absolute, label + " " + names[i] + " gradient, backward()");
+                assertClose(cpu.graph[i], cuda.graph[i], relative, absolute, label + " " + names[i] + " gradient, loss().backward()");
+                assertClose(cpu.direct[i], cpu.graph[i], relative, absolute, label + " " + names[i] + " gradient, the two paths");
+            }
         }
         cases++;
         System.out.printf("case %s: %.0f ms%n", label, (System.nanoTime() - start) / 1e6);
@@ -473,6 +584,13 @@ public final class CudaEmulatorProbe {
                 advantages.data_ptr_float().put(2, Float.NaN);
                 badOnBoth("NaN advantage", () -> grpo.compute(LossInput.builder().logits(logits).targets(padded.targets).mask(padded.mask)
                         .oldLogProbs(padded.old).refLogProbs(padded.ref).advantages(advantages).build()).close(), "advantages[2] = NaN");
+            }
+            // NaN in the engine's log-probs, named by both paths.
+            try (Tensor rollout = padded.old.clone()) {
+                rollout.data_ptr_float().put(0, Float.NaN);
+                badOnBoth("NaN rollout log-prob", () -> grpo.compute(LossInput.builder().logits(logits).targets(padded.targets)
+                        .mask(padded.mask).oldLogProbs(padded.old).refLogProbs(padded.ref).rolloutLogProbs(rollout)
+                        .advantages(padded.advantages).build()).close(), "rolloutLogProbs[0, 0] = NaN");
             }
         }
         // Packed offsets that decrease, and offsets that do not end at N.

@@ -31,7 +31,11 @@ import org.junit.jupiter.api.Test;
  * {@code PolicyLoss.compute}; the fused backward through {@code result.backward()},
  * {@code backward(scale)} and {@code result.loss().backward()} (FusedLogProbs on the "device",
  * the alias path of a non-leaf view included); {@code Advantages.group}, {@code groupByIds} and
- * {@code gae}. Cases: GSPO, GSPO-token, GRPO, PPO; padded, packed and strided views; fp32, bf16,
+ * {@code gae}; the top-entropy threshold ({@code Kernels.entropyThreshold}) taken and read on the
+ * device; the fused linear path ({@code LossInput.Builder#hiddenStates}: libtorch's GEMMs on the
+ * tensors, the emulated kernels per chunk), its hidden-state, weight and bias gradients through
+ * both backward paths. Cases: every objective, rollout correction (token TIS with k3 rejection,
+ * sequence MIS with the off-policy mask, k1 mean rejection with top-entropy selection); padded, packed and strided views; fp32, bf16,
  * fp16; KL, entropy, temperature, dual clip, on-policy, explicit normaliser; rows split over CTAs
  * (V = 16411); loss, log-probs, entropy, every metric and the three gradients within rounding of
  * the CPU's, and repeated calls bitwise equal. Bad data (ids out of range either way, NaN logits,

@@ -180,6 +180,11 @@ final class Gspo4jLibrary {
             @Const FloatPointer refLogprob, @Const FloatPointer entropy, @Const DoublePointer entropyThreshold,
             FloatPointer loss, FloatPointer gradLogprob, FloatPointer gradEntropy, FloatPointer metrics);
 
+    static native int gspo4j_entropy_threshold(
+            int device, Pointer stream,
+            long tokens, @Const FloatPointer entropy, @Cast("const uint8_t*") BytePointer mask,
+            double rho, int checkFinite, DoublePointer threshold);
+
     static native int gspo4j_group_advantages(
             int device, Pointer stream,
             long count, @Const FloatPointer rewards, long groupSize, @Cast("const int64_t*") LongPointer groupIds,

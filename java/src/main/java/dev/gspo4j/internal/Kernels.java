@@ -330,40 +330,8 @@ public final class Kernels {
         Checks.capacity(entropy, tokens, "entropy");
         Checks.optionalCapacity(mask, tokens, "mask");
         Checks.capacity(threshold, 1, "threshold");
-        // numpy.quantile's linear method in float64 over the counted entropies, on the host. (A
-        // native kernel that keeps the threshold on the device is issue 15's open part: on CUDA
-        // this reads the entropies back, a host sync.)
-        final double[] counted = new double[(int) tokens];
-        int n = 0;
-        for (long i = 0; i < tokens; i++) {
-            if (mask == null || mask.get(i) != 0) {
-                final double h = entropy.get(i);
-                if (checkFinite && !Double.isFinite(h)) {
-                    throw new IllegalArgumentException("entropy[" + i + "] = " + h + " is not finite");
-                }
-                counted[n++] = h;
-            }
-        }
-        threshold.put(0, quantile(java.util.Arrays.copyOf(counted, n), 1 - rho));
-    }
-
-    /** numpy.quantile(values, q), method "linear": sorted v, p = (n - 1) q, v[k] + (p - k)(v[k+1] - v[k]). */
-    static double quantile(double[] values, double q) {
-        final int n = values.length;
-        if (n == 0) {
-            return Double.POSITIVE_INFINITY;
-        }
-        java.util.Arrays.sort(values);
-        final double position = (n - 1) * q;
-        final int k = (int) Math.floor(position);
-        if (k >= n - 1) {
-            return values[n - 1];
-        }
-        final double t = position - k;
-        final double a = values[k];
-        final double b = values[k + 1];
-        // numpy's _lerp: from the upper end when t >= 0.5
-        return t >= 0.5 ? b - (b - a) * (1 - t) : a + (b - a) * t;
+        check(Gspo4jLibrary.gspo4j_entropy_threshold(device.code, stream, tokens, entropy, mask, rho, checkFinite ? 1 : 0,
+                threshold));
     }
 
     /**
