@@ -5,6 +5,7 @@ import dev.gspo4j.internal.Metric;
 import dev.gspo4j.internal.Objective;
 import dev.gspo4j.internal.RatioLevel;
 import dev.gspo4j.internal.Tensors;
+import dev.gspo4j.internal.TokenWeights;
 import dev.gspo4j.internal.Unscoped;
 import java.time.Duration;
 import org.bytedeco.javacpp.chrono.Milliseconds;
@@ -263,8 +264,11 @@ public final class DataParallel {
             throw new IllegalArgumentException("input must not be null");
         }
         // The checks and the mask (ignoreIndex applied) the loss itself uses; GRPO's settings accept
-        // either kind of advantages, and these counts do not depend on the objective.
-        try (PreparedInput in = PreparedInput.of(input, LossSettings.grpo(), 1.0)) {
+        // either kind of advantages (and, with top-entropy selection, the caller's threshold), and
+        // these counts do not depend on the objective.
+        final LossSettings accepting = input.entropyThreshold == null ? LossSettings.grpo()
+                : LossSettings.grpo().withWeights(TokenWeights.NONE.withTopEntropy(1.0));
+        try (PreparedInput in = PreparedInput.of(input, accepting, 1.0)) {
             return countTensor(in.mask, in.offsets(), in.layout.batch(), in.layout.seq(), input.logits);
         }
     }
@@ -370,6 +374,94 @@ public final class DataParallel {
                 c.data_ptr_double().get(all);
                 return all;
             }
+        }
+    }
+
+    /**
+     * Top-entropy selection's threshold for the whole step: the {@code 1 - rho} quantile (numpy's
+     * linear method, float64, as {@link PolicyLoss.Builder#topEntropyQuantile}) of the counted
+     * entropies of every rank, as TRL takes it over all processes. Pass the result to {@link
+     * LossInput.Builder#entropyThreshold} on every rank: each then selects by the same threshold,
+     * which data-parallel equivalence needs (a rank's own quantile is not the step's). The
+     * entropies come from a forward before the loss ({@link TokenLogProbs#computeWithEntropy} with
+     * the loss's temperature: one more read of the logits). Two allreduces: the ranks' counts, then
+     * their values (each rank fills its own slice of a zeroed float64 vector: adding zeros is exact);
+     * the quantile is taken on the tensors' device by the same kernel as a single call's. Returns to
+     * the host, so on CUDA it waits for the GPU, as the step's other collectives do.
+     *
+     * @param group the c10d process group of the data-parallel ranks
+     * @param entropy float32 per-token entropies of this rank, any shape, on the device the backend
+     *     serves
+     * @param mask the loss's mask, of the same number of elements (nonzero counts), or null (every
+     *     token counts)
+     * @param rho the kept fraction, in (0, 1]
+     * @param timeout the bound of each allreduce
+     * @return the step's threshold; +Infinity when no rank has a counted token
+     * @throws NonFiniteDataException when a counted entropy is NaN
+     * @throws DataParallelException when an allreduce fails or does not finish within {@code timeout}
+     */
+    public static double entropyThreshold(Backend group, Tensor entropy, Tensor mask, double rho, Duration timeout) {
+        requireGroup(group);
+        TensorArgs.requireOpen(entropy, "entropy");
+        if (entropy.scalar_type().intern() != ScalarType.Float) {
+            throw new IllegalArgumentException("entropy must be float32 (as TokenLogProbs and LossResult give it), got "
+                    + PreparedInput.typeName(entropy));
+        }
+        if (mask != null) {
+            TensorArgs.requireOpen(mask, "mask");
+            if (mask.numel() != entropy.numel()) {
+                throw new IllegalArgumentException("mask has " + mask.numel() + " elements, entropy " + entropy.numel()
+                        + ": give the loss's mask of the same tokens");
+            }
+        }
+        if (!(rho > 0 && rho <= 1)) {
+            throw new IllegalArgumentException("rho must be in (0, 1], got " + rho);
+        }
+        final long millis = millis(timeout);
+        final int size = group.getSize();
+        final int rank = group.getRank();
+        try (Tensor flat = entropy.detach().reshape(-1); Tensor wide = flat.to(ScalarType.Double);
+                Tensor keep = mask == null ? null : counted(mask);
+                Tensor own = keep == null ? new Tensor(wide) : wide.masked_select(keep);
+                Tensor count = Tensors.empty(new long[] {1}, ScalarType.Double, entropy)) {
+            fill(count, 0, own.numel());
+            final double[] counts = gather(group, count, 1, millis, "entropyThreshold");
+            long total = 0;
+            long before = 0;
+            for (int r = 0; r < size; r++) {
+                before += r < rank ? (long) counts[r] : 0;
+                total += (long) counts[r];
+            }
+            if (total == 0) {
+                return Double.POSITIVE_INFINITY;
+            }
+            try (Tensor values = Tensors.empty(new long[] {total}, ScalarType.Double, entropy)) {
+                values.zero_();
+                if (own.numel() > 0) {
+                    try (Tensor slot = values.narrow(0, before, own.numel())) {
+                        slot.copy_(own);
+                    }
+                }
+                allReduceSum(group, values, millis, "entropyThreshold");
+                try (Tensor all = values.to(ScalarType.Float); Tensor contiguous = all.contiguous();
+                        Tensor threshold = Tensors.empty(new long[] {1}, ScalarType.Double, entropy)) {
+                    dev.gspo4j.internal.Kernels.entropyThreshold(Tensors.device(entropy), Tensors.stream(entropy), total,
+                            Tensors.floats(contiguous), null, rho, false, Tensors.doubles(threshold));
+                    final double value = threshold.item_double();
+                    if (Double.isNaN(value)) {
+                        throw new NonFiniteDataException("entropyThreshold: a counted entropy is NaN on one of the " + size
+                                + " ranks (checked on rank " + rank + ")", null);
+                    }
+                    return value;
+                }
+            }
+        }
+    }
+
+    // The mask's counted tokens as a flat bool tensor.
+    private static Tensor counted(Tensor mask) {
+        try (Tensor flat = mask.reshape(-1); Scalar zero = new Scalar(0.0)) {
+            return flat.ne(zero);
         }
     }
 

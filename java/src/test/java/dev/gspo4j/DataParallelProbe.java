@@ -6,6 +6,7 @@ import java.util.List;
 import java.util.Random;
 import java.util.function.Supplier;
 import org.bytedeco.pytorch.FileStore;
+import org.bytedeco.pytorch.NoGradGuard;
 import org.bytedeco.pytorch.ProcessGroupGloo;
 import org.bytedeco.pytorch.Tensor;
 import org.bytedeco.pytorch.global.torch;
@@ -82,7 +83,12 @@ public final class DataParallelProbe {
         }
     }
 
-    record Case(String name, Supplier<PolicyLoss> loss, boolean padded, boolean tokenAdvantages) {}
+    /** topEntropyRho > 0: the loss selects top-entropy tokens, the ranks by the step's threshold. */
+    record Case(String name, Supplier<PolicyLoss> loss, boolean padded, boolean tokenAdvantages, double topEntropyRho) {
+        Case(String name, Supplier<PolicyLoss> loss, boolean padded, boolean tokenAdvantages) {
+            this(name, loss, padded, tokenAdvantages, 0);
+        }
+    }
 
     static List<Case> cases() {
         final List<Case> cases = new ArrayList<>();
@@ -107,6 +113,9 @@ public final class DataParallelProbe {
         cases.add(new Case("vespo", () -> PolicyLoss.vespo().build(), false, false));
         cases.add(new Case("dppo-tv", () -> PolicyLoss.dppoTv().build(), false, true));
         cases.add(new Case("dppo-kl padded", () -> PolicyLoss.dppoKl().build(), true, false));
+        cases.add(new Case("grpo top-entropy 0.3", () -> PolicyLoss.grpo().topEntropyQuantile(0.3).build(), false, true, 0.3));
+        cases.add(new Case("gspo padded top-entropy 0.5", () -> PolicyLoss.gspo().clip(0.05, 0.05).topEntropyQuantile(0.5).build(), true,
+                false, 0.5));
         return cases;
     }
 
@@ -135,7 +144,15 @@ public final class DataParallelProbe {
             final Tensor wDp;
             final double lossDp;
             final double[] dpMetrics;
-            try (Inputs in = batch.input(mine, c.padded, c.tokenAdvantages, wValues)) {
+            // Top-entropy selection: the step's threshold, from this rank's entropies and every other's.
+            Double threshold = null;
+            if (c.topEntropyRho > 0) {
+                try (Inputs probe = batch.input(mine, c.padded, c.tokenAdvantages, wValues); NoGradGuard noGrad = new NoGradGuard();
+                        TokenLogProbs first = TokenLogProbs.computeWithEntropy(probe.input.logits, probe.input.targets, 1.0)) {
+                    threshold = DataParallel.entropyThreshold(group, first.entropy(), probe.input.mask, c.topEntropyRho, timeout);
+                }
+            }
+            try (Inputs in = batch.input(mine, c.padded, c.tokenAdvantages, wValues, threshold)) {
                 final GlobalCounts counts = DataParallel.allReduceCounts(group, in.input, timeout);
                 try (LossResult r = loss.compute(in.input, counts)) {
                     r.backward();
@@ -301,6 +318,11 @@ public final class DataParallelProbe {
         }
 
         Inputs input(Shard shard, boolean padded, boolean tokenAdvantages, double[] w) {
+            return input(shard, padded, tokenAdvantages, w, null);
+        }
+
+        // threshold: the caller's top-entropy threshold, or null.
+        Inputs input(Shard shard, boolean padded, boolean tokenAdvantages, double[] w, Double threshold) {
             final List<Tensor> owned = new ArrayList<>();
             final int b = shard.responses.size();
             int longest = 0;
@@ -355,6 +377,9 @@ public final class DataParallelProbe {
             }
             if (!padded) {
                 builder.offsets(own(owned, tensor(offsets, new long[] {b + 1})));
+            }
+            if (threshold != null) {
+                builder.entropyThreshold(threshold);
             }
             return new Inputs(builder.build(), weights, owned);
         }
