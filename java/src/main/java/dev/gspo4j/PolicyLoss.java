@@ -663,14 +663,17 @@ public final class PolicyLoss {
             LossGraph fused = null;
             LossMetrics lossMetrics = null;
             Tensor threshold = null;
+            // The hidden-state path's forward buffer, kept for the backward (FusedLinear.SavedChunk).
+            final FusedLinear.SavedChunk[] savedChunk = new FusedLinear.SavedChunk[1];
             try {
                 if (head == null) {
                     in.translate(() -> Kernels.tokenLogProbForward(device, stream, in.view, Tensors.longs(in.targets),
                             temperature, settings.checkFinite(), Tensors.floats(logProbs), Tensors.doubles(lse),
                             Tensors.floats(entropy)));
                 } else {
-                    in.translate(() -> FusedLinear.forward(head.rows, head.weight, head.bias, head.chunkRows, in.targets,
-                            temperature, settings.checkFinite(), logProbs, lse, entropy));
+                    final boolean keep = GradMode.is_enabled() && head.requiresGrad();
+                    in.translate(() -> savedChunk[0] = FusedLinear.forward(head.rows, head.weight, head.bias, head.chunkRows,
+                            in.targets, temperature, settings.checkFinite(), logProbs, lse, entropy, keep));
                 }
                 // Top-entropy selection: the caller's threshold, or the quantile of this call's
                 // counted entropies (on CUDA computed and read on the device: no host sync).
@@ -705,7 +708,8 @@ public final class PolicyLoss {
                             inPlaceBackward);
                 } else if (GradMode.is_enabled() && head != null && head.requiresGrad()) {
                     fused = new FusedLinear(head.hidden, head.rows, head.weight, head.bias, head.chunkRows, in.targets,
-                            temperature, lse, entropy, gradLogprob, gradEntropy);
+                            temperature, lse, entropy, gradLogprob, gradEntropy, savedChunk[0]);
+                    savedChunk[0] = null; // the backward's state owns it now
                 }
             } catch (RuntimeException e) {
                 if (lossMetrics != null) {
@@ -716,6 +720,9 @@ public final class PolicyLoss {
                 }
                 throw e;
             } finally {
+                if (savedChunk[0] != null) {
+                    savedChunk[0].close(); // no backward state took it (an error, or nothing to differentiate)
+                }
                 // Freed once the kernels that read it are queued, as lse: the caching allocator
                 // reuses the block only in the stream's order.
                 if (threshold != null) {

@@ -9,6 +9,7 @@ import java.util.List;
 import java.util.Map;
 import java.util.concurrent.ConcurrentHashMap;
 import java.util.concurrent.atomic.AtomicBoolean;
+import java.util.concurrent.atomic.AtomicReference;
 import java.util.regex.Matcher;
 import java.util.regex.Pattern;
 import org.bytedeco.javacpp.Pointer;
@@ -42,7 +43,11 @@ import org.bytedeco.pytorch.global.torch.ScalarType;
  * each chunk's logits into the buffer, lets the fused backward kernel overwrite them in place with
  * their gradient {@code g}, and then {@code grad_hidden[chunk] = g @ W},
  * {@code grad_W += g^T @ h[chunk]}, {@code grad_b += sum_rows g}: four GEMMs of N x H x V in all,
- * against three for an unfused lm_head (the recompute is the price of never holding [N, V]).
+ * against three for an unfused lm_head (the recompute is the price of never holding [N, V]). The
+ * forward's buffer stays alive until the first backward ({@link SavedChunk}), which takes it and
+ * starts with the last chunk, whose logits are still in it: that chunk skips its recompute (one
+ * chunk of C fewer; none at all when everything fits one chunk), and the backward allocates no
+ * buffer of its own. Memory between forward and backward: that one buffer, the budget.
  *
  * <p>The graph follows {@link FusedLogProbs}: each input that requires grad (hidden states,
  * weight, bias) is attached through a storage-less zero tensor and two hooks, the first of which
@@ -104,6 +109,7 @@ public final class FusedLinear implements LossGraph {
     private final Tensor gradLogprob;
     private final Tensor gradEntropy;
     private final AtomicBoolean gradientSent;
+    private final SavedChunk savedChunk; // shared by the copies; null: none kept
     private final AtomicBoolean directSent;
     private boolean directGraph;
     // Graph-only state, set by attach().
@@ -131,7 +137,7 @@ public final class FusedLinear implements LossGraph {
      *     (gradEntropy null without an entropy term)
      */
     public FusedLinear(Tensor hidden, Tensor rows, Tensor weight, Tensor bias, long chunkRows, Tensor targets, double temperature,
-            Tensor lse, Tensor entropy, Tensor gradLogprob, Tensor gradEntropy) {
+            Tensor lse, Tensor entropy, Tensor gradLogprob, Tensor gradEntropy, SavedChunk savedChunk) {
         final Tensor[] given = {hidden, weight, bias};
         for (int i = 0; i < 3; i++) {
             if (given[i] != null) {
@@ -157,6 +163,7 @@ public final class FusedLinear implements LossGraph {
         this.gradEntropy = gradEntropy == null ? null : new Tensor(gradEntropy);
         this.gradientSent = new AtomicBoolean();
         this.directSent = new AtomicBoolean();
+        this.savedChunk = savedChunk;
     }
 
     private FusedLinear(FusedLinear other) {
@@ -180,6 +187,37 @@ public final class FusedLinear implements LossGraph {
         this.gradEntropy = other.gradEntropy == null ? null : new Tensor(other.gradEntropy);
         this.gradientSent = other.gradientSent;
         this.directSent = other.directSent;
+        this.savedChunk = other.savedChunk;
+    }
+
+    /**
+     * The forward's chunk buffer, holding the last chunk's logits (rows {@code start ..} of the
+     * batch, {@code rows} of them): taken once, by the first backward; released by close() if no
+     * backward takes it.
+     */
+    public static final class SavedChunk implements AutoCloseable {
+        private final AtomicReference<Tensor> buffer;
+        final long start;
+        final long rows;
+
+        SavedChunk(Tensor buffer, long start, long rows) {
+            this.buffer = new AtomicReference<>(buffer);
+            this.start = start;
+            this.rows = rows;
+        }
+
+        /** The buffer, now the caller's to close; null once taken or closed. */
+        Tensor take() {
+            return buffer.getAndSet(null);
+        }
+
+        @Override
+        public void close() {
+            final Tensor t = buffer.getAndSet(null);
+            if (t != null) {
+                t.close();
+            }
+        }
     }
 
     /**
@@ -189,22 +227,27 @@ public final class FusedLinear implements LossGraph {
      *
      * @param rows {@code [N, H]}; weight {@code [V, H]}; bias {@code [V]} or null; one dtype
      * @param targets int64, contiguous over the N rows; logProbs, entropy float32 and lse float64 likewise
+     * @param keepLastChunk whether to keep the buffer with the last chunk's logits for the backward
+     * @return the kept buffer (the caller's to hand to the backward's state or close), or null
      */
-    public static void forward(Tensor rows, Tensor weight, Tensor bias, long chunkRows, Tensor targets, double temperature,
-            boolean checkFinite, Tensor logProbs, Tensor lse, Tensor entropy) {
+    public static SavedChunk forward(Tensor rows, Tensor weight, Tensor bias, long chunkRows, Tensor targets, double temperature,
+            boolean checkFinite, Tensor logProbs, Tensor lse, Tensor entropy, boolean keepLastChunk) {
         final long tokens = rows.size(0);
         if (tokens == 0) {
-            return;
+            return null;
         }
         final Device device = Tensors.device(rows);
         final Pointer stream = Tensors.stream(rows);
         final LogitsDtype dtype = Tensors.logitsDtype(weight.scalar_type());
         final long vocab = weight.size(0);
         // Detached: libtorch refuses out= arguments to ops on tensors that require grad.
-        try (Tensor buffer = Tensors.empty(new long[] {Math.min(chunkRows, tokens), vocab}, weight.scalar_type().intern(), weight);
-                Tensor weightData = weight.detach(); Tensor weightT = weightData.t(); Tensor biasData = bias == null ? null : bias.detach();
+        final Tensor buffer = Tensors.empty(new long[] {Math.min(chunkRows, tokens), vocab}, weight.scalar_type().intern(), weight);
+        boolean kept = false;
+        long lastStart = 0;
+        try (Tensor weightData = weight.detach(); Tensor weightT = weightData.t(); Tensor biasData = bias == null ? null : bias.detach();
                 Tensor hiddenRows = rows.detach(); Tensor y = targets.view(-1); Tensor lp = logProbs.view(-1); Tensor h = entropy.view(-1)) {
             for (long start = 0; start < tokens; start += chunkRows) {
+                lastStart = start;
                 final long n = Math.min(chunkRows, tokens - start);
                 final long first = start;
                 try (Tensor logits = buffer.narrow(0, 0, n); Tensor hiddenChunk = hiddenRows.narrow(0, start, n);
@@ -219,6 +262,13 @@ public final class FusedLinear implements LossGraph {
                         Kernels.reportDataErrors(device, stream);
                     });
                 }
+            }
+            final SavedChunk saved = keepLastChunk ? new SavedChunk(buffer, lastStart, tokens - lastStart) : null;
+            kept = saved != null;
+            return saved;
+        } finally {
+            if (!kept) {
+                buffer.close();
             }
         }
     }
@@ -361,21 +411,30 @@ public final class FusedLinear implements LossGraph {
         final Device device = Tensors.device(rows);
         final Pointer stream = Tensors.stream(rows);
         final LogitsDtype dtype = Tensors.logitsDtype(weight.scalar_type());
-        try (Tensor buffer = Tensors.empty(new long[] {Math.min(chunkRows, tokens), vocab}, weight.scalar_type().intern(), weight);
+        // The first backward takes the forward's buffer: the last chunk's logits are in it already.
+        final Tensor taken = savedChunk == null ? null : savedChunk.take();
+        final long savedStart = taken == null ? -1 : savedChunk.start;
+        final long chunks = (tokens + chunkRows - 1) / chunkRows;
+        try (Tensor buffer = taken != null ? taken
+                : Tensors.empty(new long[] {Math.min(chunkRows, tokens), vocab}, weight.scalar_type().intern(), weight);
                 Tensor weightT = weight.t(); Tensor y = targets.view(-1); Tensor h = entropy.view(-1); Tensor gLpFlat = gLp.view(-1);
                 Tensor gHFlat = gH == null ? null : gH.view(-1)) {
-            for (long start = 0; start < tokens; start += chunkRows) {
+            for (long index = 0; index < chunks; index++) {
+                // With the saved chunk: it first, then the others in order.
+                final long start = taken == null ? index * chunkRows : index == 0 ? savedStart : (index - 1) * chunkRows;
                 final long n = Math.min(chunkRows, tokens - start);
                 try (Tensor logits = buffer.narrow(0, 0, n); Tensor hiddenChunk = rows.narrow(0, start, n);
                         Tensor yChunk = y.narrow(0, start, n); Tensor lseChunk = lse.narrow(0, start, n);
                         Tensor hChunk = h.narrow(0, start, n); Tensor gLpChunk = gLpFlat.narrow(0, start, n);
                         Tensor gHChunk = gHFlat == null ? null : gHFlat.narrow(0, start, n)) {
-                    logitsInto(logits, hiddenChunk, weightT, bias);
+                    if (start != savedStart) {
+                        logitsInto(logits, hiddenChunk, weightT, bias);
+                    }
                     // The gradient overwrites the chunk's logits (same rows, same strides).
                     Kernels.tokenLogProbBackward(device, stream, LogitsView.packed(logits.data_ptr(), dtype, n, vocab),
                             Tensors.longs(yChunk), temperature, Tensors.doubles(lseChunk), Tensors.floats(hChunk),
                             Tensors.floats(gLpChunk), Tensors.floats(gHChunk), logits.data_ptr(), n * vocab, vocab);
-                    final boolean first = start == 0;
+                    final boolean first = index == 0;
                     if (out[HIDDEN] != null) {
                         try (Tensor gradRows = out[HIDDEN].narrow(0, start, n)) {
                             torch.mm_out(gradRows, logits, weight);
@@ -614,6 +673,11 @@ public final class FusedLinear implements LossGraph {
         }
         Arrays.fill(pending, null);
         upstream = null;
+        if (savedChunk != null) {
+            // No backward took it. (A copy closed before the original's backward only costs that
+            // backward its recompute of the last chunk.)
+            savedChunk.close();
+        }
         if (anchorAddress != 0) {
             LIVE_GRAPHS.remove(anchorAddress);
         }
