@@ -8,6 +8,7 @@ import dev.gspo4j.PolicyLoss;
 import dev.gspo4j.PolicyLossModuleTest;
 import dev.gspo4j.internal.Tensors;
 import java.util.concurrent.TimeUnit;
+import org.bytedeco.javacpp.PointerScope;
 import org.bytedeco.openblas.global.openblas_nolapack;
 import org.bytedeco.pytorch.BoolOptional;
 import org.bytedeco.pytorch.Scalar;
@@ -45,6 +46,8 @@ import org.openjdk.jmh.annotations.Warmup;
 @Measurement(iterations = 3, batchSize = 1)
 public class LinearLossBenchmark {
     static final PolicyLoss GSPO = PolicyLoss.gspo().build();
+    /** The fused path's chunk budget: {@code -Dgspo4j.bench.chunkBytes}, default the library's. */
+    static final long CHUNK_BYTES = Long.getLong("gspo4j.bench.chunkBytes", LossInput.DEFAULT_LOGITS_CHUNK_BYTES);
 
     /** Hidden states [8, N / 8, H], an lm_head [V, H] (leaves requiring grad) and the rollout. */
     @State(Scope.Benchmark)
@@ -131,7 +134,8 @@ public class LinearLossBenchmark {
     /** The fused linear path; the gradients are in {@code hidden.grad()} and {@code weight.grad()}. */
     public static float fusedLinear(Head w) {
         w.clearGradients();
-        try (LossResult result = GSPO.compute(w.rollout(LossInput.builder().hiddenStates(w.hidden, w.weight, null)).build())) {
+        try (LossResult result = GSPO.compute(w.rollout(LossInput.builder().hiddenStates(w.hidden, w.weight, null)
+                .logitsChunkBytes(CHUNK_BYTES)).build())) {
             result.loss().backward();
             return result.lossValue().item_float();
         }
@@ -150,7 +154,11 @@ public class LinearLossBenchmark {
     /** The lm_head's logits and the libtorch composite loss (bf16 upcast to float32), autograd. */
     public static float composite(Head w) {
         w.clearGradients();
-        try (Tensor logits = torch.linear(w.hidden, w.weight); Tensor z = logits.to(ScalarType.Float)) {
+        // A PointerScope frees the composite's temporaries ([N, V] each) at once, as a careful Java
+        // user would; left to the GC they pile up over iterations (the JMH fork was killed for
+        // memory at V = 151936).
+        try (PointerScope scope = new PointerScope(); Tensor logits = torch.linear(w.hidden, w.weight);
+                Tensor z = logits.to(ScalarType.Float)) {
             final CompositeLoss.Output out = CompositeLoss.compute(PolicyLossModuleTest.settingsOf(GSPO), 1.0, z, w.targets, w.mask,
                     w.old, null, w.advantages, false);
             try (Tensor value = out.loss(); Tensor lp = out.logProbs(); Tensor h = out.entropy()) {
