@@ -51,6 +51,7 @@ public final class DataParallelProbe {
         System.out.println("joinedMillis=" + (System.nanoTime() - start) / 1_000_000);
         switch (scenario) {
             case "equal" -> equivalence(group, rank, world, timeout);
+            case "threshold" -> thresholdChecks(group, timeout);
             case "dies", "stalls" -> {
                 if (rank == 1) {
                     if (scenario.equals("dies")) {
@@ -186,6 +187,84 @@ public final class DataParallelProbe {
         }
         System.out.println("cases=" + count);
         System.out.println("failures=" + failures);
+    }
+
+    /**
+     * DataParallel.entropyThreshold on one rank: the quantile of the call's own counted entropies
+     * (numpy's definition), the loss with it equal to the loss's own selection, and its argument
+     * errors. Prints {@code failures=}.
+     */
+    static void thresholdChecks(ProcessGroupGloo group, Duration timeout) {
+        final Batch batch = Batch.generate();
+        int failures = 0;
+        try (Inputs in = batch.input(batch.all(), false, false, batch.weights()); NoGradGuard noGrad = new NoGradGuard();
+                TokenLogProbs first = TokenLogProbs.computeWithEntropy(in.input.logits, in.input.targets, 1.0)) {
+            final Tensor entropy = first.entropy();
+            final float[] h = new float[(int) entropy.numel()];
+            final float[] m = new float[h.length];
+            try (Tensor hc = entropy.contiguous(); Tensor mc = in.input.mask.contiguous()) {
+                hc.data_ptr_float().get(h);
+                mc.data_ptr_float().get(m);
+            }
+            final List<Double> counted = new ArrayList<>();
+            for (int i = 0; i < h.length; i++) {
+                if (m[i] != 0) {
+                    counted.add((double) h[i]);
+                }
+            }
+            for (double rho : new double[] {1.0, 0.5, 0.3, 0.01}) {
+                final double want = RolloutCorrectionTest.quantile(counted.stream().mapToDouble(Double::doubleValue).toArray(), 1 - rho);
+                final double got = DataParallel.entropyThreshold(group, entropy, in.input.mask, rho, timeout);
+                final boolean ok = got == want;
+                System.out.printf("threshold rho=%g: %.17g, numpy's quantile %.17g%s%n", rho, got, want, ok ? "" : "  FAILED");
+                failures += ok ? 0 : 1;
+            }
+            // The loss with the rank's threshold is the loss's own selection, bit for bit.
+            final PolicyLoss loss = PolicyLoss.grpo().topEntropyQuantile(0.3).build();
+            final double threshold = DataParallel.entropyThreshold(group, entropy, in.input.mask, 0.3, timeout);
+            try (Inputs given = batch.input(batch.all(), false, false, batch.weights(), threshold);
+                    LossResult own = loss.compute(in.input); LossResult passed = loss.compute(given.input)) {
+                final boolean same = own.lossValue().item_float() == passed.lossValue().item_float()
+                        && own.metrics().entropyKeptFraction() == passed.metrics().entropyKeptFraction();
+                System.out.println("loss with the threshold equals the loss's own selection: " + same);
+                failures += same ? 0 : 1;
+            }
+            // No counted token: +Inf.
+            try (Tensor none = torch.zeros_like(in.input.mask)) {
+                final double t = DataParallel.entropyThreshold(group, entropy, none, 0.3, timeout);
+                System.out.println("no counted token: " + t);
+                failures += t == Double.POSITIVE_INFINITY ? 0 : 1;
+            }
+            // Argument errors name the argument; NaN is a NonFiniteDataException.
+            try (Tensor wide = entropy.to(ScalarType.Double); Tensor shortMask = in.input.mask.narrow(0, 0, 3);
+                    Tensor nan = entropy.clone()) {
+                nan.data_ptr_float().put(0, Float.NaN);
+                failures += expect(() -> DataParallel.entropyThreshold(group, wide, in.input.mask, 0.3, timeout),
+                        IllegalArgumentException.class, "entropy must be float32");
+                failures += expect(() -> DataParallel.entropyThreshold(group, entropy, shortMask, 0.3, timeout),
+                        IllegalArgumentException.class, "mask has");
+                failures += expect(() -> DataParallel.entropyThreshold(group, entropy, in.input.mask, 0, timeout),
+                        IllegalArgumentException.class, "rho must be in (0, 1]");
+                failures += expect(() -> DataParallel.entropyThreshold(group, nan, null, 0.3, timeout),
+                        NonFiniteDataException.class, "NaN");
+                failures += expect(() -> DataParallel.entropyThreshold(null, entropy, null, 0.3, timeout),
+                        IllegalArgumentException.class, "group must be");
+            }
+        }
+        System.out.println("cases=1");
+        System.out.println("failures=" + failures);
+    }
+
+    private static int expect(Runnable call, Class<? extends RuntimeException> type, String part) {
+        try {
+            call.run();
+        } catch (RuntimeException e) {
+            final boolean ok = type.isInstance(e) && String.valueOf(e.getMessage()).contains(part);
+            System.out.println((ok ? "refused: " : "FAILED, wrong refusal: ") + e);
+            return ok ? 0 : 1;
+        }
+        System.out.println("FAILED: not refused (expected " + type.getSimpleName() + " with \"" + part + "\")");
+        return 1;
     }
 
     static final String[] METRIC_NAMES = {"policyLoss", "kl", "entropy", "clipLow", "clipHigh", "dualClip", "ratioMean", "ratioMin",

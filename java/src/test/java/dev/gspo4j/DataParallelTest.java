@@ -94,6 +94,13 @@ class DataParallelTest {
     }
 
     @Test
+    void theStepsEntropyThresholdOnOneRankIsTheCallsOwn() throws Exception {
+        final ChildJvm.Outcome o = ranks("threshold", 1, 1).get(0);
+        assertEquals(0, o.exitCode(), "exited with " + o.exitCode() + ":\n" + o.output());
+        assertEquals(Long.valueOf(0), o.values().get("failures"), o.output());
+    }
+
+    @Test
     void localCountsAreTheKernelsCounts() {
         final DataParallelProbe.Batch batch = DataParallelProbe.Batch.generate();
         for (boolean padded : new boolean[] {false, true}) {
