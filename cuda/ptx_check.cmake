@@ -8,6 +8,8 @@
 #   backward_kernel<D, kThreads> for every dtype and CTA size, and the five policy-loss kernels (entropy_threshold_kernel among them);
 # - a token log-prob kernel's PTX entry lacks the main loop's 128-bit streaming accesses:
 #   ld.global.cs.v4 in the forward and the backward, st.global.cs.v4 in the backward;
+# - the entropy threshold's kernel holds a float64 product ptxas may fuse (a plain mul.f64 or an
+#   fma.f64): its threshold must be the CPU's bits, so its products are __dmul_rn;
 # - a kernel the check expects is not there (renamed, or an instantiation lost).
 # The table of registers, stack and spills goes to the build log and to <build>/ptx_check.txt.
 #
@@ -118,7 +120,8 @@ set(unroll 4)
 set(allowances)
 
 # The kernels of `group` that the check requires, as LABEL|MANGLED REGEX|ACCESSES, where ACCESSES
-# is what the PTX entry must hold: "", "load" or "load+store". Kernels are matched on their
+# is what the PTX entry must hold: "", "load" or "load+store" ("exact64": no float64 product
+# that may fuse into an FMA, for results that must equal the CPU's bits). Kernels are matched on their
 # mangled names (<length><name>, template arguments <length><dtype>E and Li<threads>E), so no
 # demangler is needed.
 function(expected_kernels group out)
@@ -139,10 +142,12 @@ function(expected_kernels group out)
       endforeach()
     endforeach()
   elseif(group STREQUAL "policy_loss")
-    foreach(kernel response_stats_kernel scales_kernel coefficients_kernel finish_kernel entropy_threshold_kernel)
+    foreach(kernel response_stats_kernel scales_kernel coefficients_kernel finish_kernel)
       string(LENGTH "${kernel}" kernel_length)
       list(APPEND result "${kernel}|${kernel_length}${kernel}E|")
     endforeach()
+    # The top-entropy threshold: bit-equal to the CPU's, so no fusable float64 product.
+    list(APPEND result "entropy_threshold_kernel|24entropy_threshold_kernelE|exact64")
   else()
     message(FATAL_ERROR "ptx_check: unknown GROUP '${group}' (token_logprob or policy_loss)")
   endif()
@@ -237,12 +242,13 @@ macro(read_ptx file)
   set(ptx_entries "")
   set(current "")
   file(STRINGS "${file}" ptx_lines
-       REGEX "^[.]visible[ \t]+[.]entry|^[.]entry|[.]func|^[$]L__|[ \t]bra[. \t]|^[ \t]*(ret|exit)|(ld|st)[.]global[.]cs[.]v4[.]|mul[.]rn[.]f32")
+       REGEX "^[.]visible[ \t]+[.]entry|^[.]entry|[.]func|^[$]L__|[ \t]bra[. \t]|^[ \t]*(ret|exit)|(ld|st)[.]global[.]cs[.]v4[.]|mul[.]rn[.]f32|mul[.]f64|fma[.][a-z]+[.]f64")
   foreach(line IN LISTS ptx_lines)
     if(line MATCHES "^([.]visible[ \t]+)?[.]entry[ \t]+([^ \t(]+)")
       list(LENGTH ptx_entries current)
       list(APPEND ptx_entries "${CMAKE_MATCH_2}")
       set(pinned_${current} 0)
+      set(fusable64_${current} 0)
       foreach(kind loads stores)
         set(${kind}_${current} 0)
         set(${kind}_run_${current} 0)
@@ -253,6 +259,8 @@ macro(read_ptx file)
     elseif(current STREQUAL "")
     elseif(line MATCHES "mul[.]rn[.]f32")
       math(EXPR pinned_${current} "${pinned_${current}} + 1")
+    elseif(line MATCHES "mul[.]f64|fma[.][a-z]+[.]f64")
+      math(EXPR fusable64_${current} "${fusable64_${current}} + 1")
     elseif(line MATCHES "^[ \t]*(ld|st)[.]global[.]cs[.]v4[.]")
       if(CMAKE_MATCH_1 STREQUAL "ld")
         set(kind loads)
@@ -371,6 +379,11 @@ function(check_kernels)
     set(vector_stores "")
     # x = z / tau as __fmul_rn: a rounded product that ptxas never fuses into x - max or x - lse,
     # so lp, the softmax statistics and the backward start from the same x (issue 11, finding 6).
+    # "exact64": every float64 product rounded on its own (__dmul_rn: mul.rn.f64), none a plain
+    # mul.f64 that ptxas may fuse, no FMA: the kernel's result must equal the CPU's bit for bit.
+    if(accesses MATCHES "exact64" AND NOT fusable64_${ptx_index} EQUAL 0)
+      list(APPEND problems "${fusable64_${ptx_index}} float64 products that may fuse into an FMA (plain mul.f64 or fma.f64): round them with __dmul_rn")
+    endif()
     if(accesses MATCHES "load" AND pinned_${ptx_index} EQUAL 0)
       list(APPEND problems "no mul.rn.f32 in its PTX entry: the product z * (1/tau) is not pinned with __fmul_rn and may fuse into an FMA")
     endif()

@@ -715,15 +715,25 @@ struct QuantileRank {
 };
 
 GSPO4J_HOST_DEVICE inline QuantileRank quantile_rank(int64_t n, double rho) {
+#ifdef __CUDA_ARCH__
+    const double position = __dmul_rn(static_cast<double>(n - 1), 1.0 - rho);  // not fused into t's subtraction
+#else
     const double position = static_cast<double>(n - 1) * (1.0 - rho);
+#endif
     const int64_t k = static_cast<int64_t>(position);  // position >= 0: truncation is floor
     if (k >= n - 1) return QuantileRank{n - 1, 0.0, false};
     return QuantileRank{k, position - static_cast<double>(k), true};
 }
 
-// numpy's _lerp: from the upper end when t >= 0.5.
+// numpy's _lerp: from the upper end when t >= 0.5. The product is rounded before the sum on both
+// devices: nvcc contracts a * b + c into an FMA by default, the CPU build has none, and the
+// threshold must be the same bits on both (__dmul_rn is never fused).
 GSPO4J_HOST_DEVICE inline double quantile_lerp(double a, double b, double t) {
+#ifdef __CUDA_ARCH__
+    return t >= 0.5 ? b - __dmul_rn(b - a, 1.0 - t) : a + __dmul_rn(b - a, t);
+#else
     return t >= 0.5 ? b - (b - a) * (1.0 - t) : a + (b - a) * t;
+#endif
 }
 
 }  // namespace math
