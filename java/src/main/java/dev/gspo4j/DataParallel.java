@@ -385,7 +385,7 @@ public final class DataParallel {
      * which data-parallel equivalence needs (a rank's own quantile is not the step's). The
      * entropies come from a forward before the loss ({@link TokenLogProbs#computeWithEntropy} with
      * the loss's temperature: one more read of the logits). Two allreduces: the ranks' counts, then
-     * their values (each rank fills its own slice of a zeroed float64 vector: adding zeros is exact);
+     * their values (each rank fills its own slice of a zeroed float32 vector: adding zeros is exact);
      * the quantile is taken on the tensors' device by the same kernel as a single call's. Returns to
      * the host, so on CUDA it waits for the GPU, as the step's other collectives do.
      *
@@ -420,9 +420,8 @@ public final class DataParallel {
         final long millis = millis(timeout);
         final int size = group.getSize();
         final int rank = group.getRank();
-        try (Tensor flat = entropy.detach().reshape(-1); Tensor wide = flat.to(ScalarType.Double);
-                Tensor keep = mask == null ? null : counted(mask);
-                Tensor own = keep == null ? new Tensor(wide) : wide.masked_select(keep);
+        try (Tensor flat = entropy.detach().reshape(-1); Tensor keep = mask == null ? null : counted(mask);
+                Tensor own = keep == null ? new Tensor(flat) : flat.masked_select(keep);
                 Tensor count = Tensors.empty(new long[] {1}, ScalarType.Double, entropy)) {
             fill(count, 0, own.numel());
             final double[] counts = gather(group, count, 1, millis, "entropyThreshold");
@@ -435,7 +434,8 @@ public final class DataParallel {
             if (total == 0) {
                 return Double.POSITIVE_INFINITY;
             }
-            try (Tensor values = Tensors.empty(new long[] {total}, ScalarType.Double, entropy)) {
+            try (Tensor values = Tensors.empty(new long[] {total}, ScalarType.Float, entropy);
+                    Tensor threshold = Tensors.empty(new long[] {1}, ScalarType.Double, entropy)) {
                 values.zero_();
                 if (own.numel() > 0) {
                     try (Tensor slot = values.narrow(0, before, own.numel())) {
@@ -443,17 +443,14 @@ public final class DataParallel {
                     }
                 }
                 allReduceSum(group, values, millis, "entropyThreshold");
-                try (Tensor all = values.to(ScalarType.Float); Tensor contiguous = all.contiguous();
-                        Tensor threshold = Tensors.empty(new long[] {1}, ScalarType.Double, entropy)) {
-                    dev.gspo4j.internal.Kernels.entropyThreshold(Tensors.device(entropy), Tensors.stream(entropy), total,
-                            Tensors.floats(contiguous), null, rho, false, Tensors.doubles(threshold));
-                    final double value = threshold.item_double();
-                    if (Double.isNaN(value)) {
-                        throw new NonFiniteDataException("entropyThreshold: a counted entropy is NaN on one of the " + size
-                                + " ranks (checked on rank " + rank + ")", null);
-                    }
-                    return value;
+                dev.gspo4j.internal.Kernels.entropyThreshold(Tensors.device(entropy), Tensors.stream(entropy), total,
+                        Tensors.floats(values), null, rho, false, Tensors.doubles(threshold));
+                final double value = threshold.item_double();
+                if (Double.isNaN(value)) {
+                    throw new NonFiniteDataException("entropyThreshold: a counted entropy is NaN on one of the " + size
+                            + " ranks (checked on rank " + rank + ")", null);
                 }
+                return value;
             }
         }
     }

@@ -366,10 +366,8 @@ public final class CudaEmulatorProbe {
                 : new Inputs(batch, layout, tokenAdvantages);
                 Outcome cpu = run(loss, inputs, type, tokenAdvantages, onPolicy);
                 Outcome cuda = emulated(() -> run(loss, inputs, type, tokenAdvantages, onPolicy))) {
-            assertClose(cpu.loss, cuda.loss, VALUE_RELATIVE, VALUE_ABSOLUTE, label + " loss");
-            assertClose(cpu.logProbs, cuda.logProbs, VALUE_RELATIVE, 1e-5, label + " log-probs");
-            assertClose(cpu.entropy, cuda.entropy, VALUE_RELATIVE, 1e-5, label + " entropy");
-            assertClose(cpu.metrics, cuda.metrics, VALUE_RELATIVE, VALUE_ABSOLUTE, label + " metrics");
+            assertForwardClose(cpu.loss, cpu.logProbs, cpu.entropy, cpu.metrics, cuda.loss, cuda.logProbs, cuda.entropy, cuda.metrics,
+                    label);
             assertEquals(cpu.sequences, cuda.sequences, label + " counted responses");
             assertEquals(cpu.tokens, cuda.tokens, label + " counted tokens");
             final double scale = PolicyLossModuleTest.maxAbs(cpu.gradientDirect);
@@ -440,10 +438,8 @@ public final class CudaEmulatorProbe {
         try (LinearLossTest.Problem p = new LinearLossTest.Problem(41, packed, type, 0.05);
                 LinearOutcome cpu = runLinear(loss, p, type, chunkRows, options);
                 LinearOutcome cuda = emulated(() -> runLinear(loss, p, type, chunkRows, options))) {
-            assertClose(cpu.loss, cuda.loss, VALUE_RELATIVE, VALUE_ABSOLUTE, label + " loss");
-            assertClose(cpu.logProbs, cuda.logProbs, VALUE_RELATIVE, 1e-5, label + " log-probs");
-            assertClose(cpu.entropy, cuda.entropy, VALUE_RELATIVE, 1e-5, label + " entropy");
-            assertClose(cpu.metrics, cuda.metrics, VALUE_RELATIVE, VALUE_ABSOLUTE, label + " metrics");
+            assertForwardClose(cpu.loss, cpu.logProbs, cpu.entropy, cpu.metrics, cuda.loss, cuda.logProbs, cuda.entropy, cuda.metrics,
+                    label);
             final String[] names = {"hidden states", "weight", "bias"};
             for (int i = 0; i < 3; i++) {
                 final double scale = PolicyLossModuleTest.maxAbs(cpu.direct[i]);
@@ -746,6 +742,15 @@ public final class CudaEmulatorProbe {
     }
 
     /** Elementwise |got - want| <= relative * |want| + absolute. */
+    /** The forward's values of the two paths: loss, log-probs, entropy and metrics, within rounding. */
+    private static void assertForwardClose(Tensor loss, Tensor logProbs, Tensor entropy, Tensor metrics, Tensor cudaLoss,
+            Tensor cudaLogProbs, Tensor cudaEntropy, Tensor cudaMetrics, String label) {
+        assertClose(loss, cudaLoss, VALUE_RELATIVE, VALUE_ABSOLUTE, label + " loss");
+        assertClose(logProbs, cudaLogProbs, VALUE_RELATIVE, 1e-5, label + " log-probs");
+        assertClose(entropy, cudaEntropy, VALUE_RELATIVE, 1e-5, label + " entropy");
+        assertClose(metrics, cudaMetrics, VALUE_RELATIVE, VALUE_ABSOLUTE, label + " metrics");
+    }
+
     private static void assertClose(Tensor want, Tensor got, double relative, double absolute, String what) {
         PolicyLossModuleTest.assertClose(want, got, relative, absolute, what);
         checks++;

@@ -191,19 +191,14 @@ public final class FusedLinear implements LossGraph {
     }
 
     /**
-     * The forward's chunk buffer, holding the last chunk's logits (rows {@code start ..} of the
-     * batch, {@code rows} of them): taken once, by the first backward; released by close() if no
-     * backward takes it.
+     * The forward's chunk buffer, holding the last chunk's logits: taken once, by the first
+     * backward; released by close() if no backward takes it.
      */
     public static final class SavedChunk implements AutoCloseable {
         private final AtomicReference<Tensor> buffer;
-        final long start;
-        final long rows;
 
-        SavedChunk(Tensor buffer, long start, long rows) {
+        SavedChunk(Tensor buffer) {
             this.buffer = new AtomicReference<>(buffer);
-            this.start = start;
-            this.rows = rows;
         }
 
         /** The buffer, now the caller's to close; null once taken or closed. */
@@ -243,11 +238,9 @@ public final class FusedLinear implements LossGraph {
         // Detached: libtorch refuses out= arguments to ops on tensors that require grad.
         final Tensor buffer = Tensors.empty(new long[] {Math.min(chunkRows, tokens), vocab}, weight.scalar_type().intern(), weight);
         boolean kept = false;
-        long lastStart = 0;
         try (Tensor weightData = weight.detach(); Tensor weightT = weightData.t(); Tensor biasData = bias == null ? null : bias.detach();
                 Tensor hiddenRows = rows.detach(); Tensor y = targets.view(-1); Tensor lp = logProbs.view(-1); Tensor h = entropy.view(-1)) {
             for (long start = 0; start < tokens; start += chunkRows) {
-                lastStart = start;
                 final long n = Math.min(chunkRows, tokens - start);
                 final long first = start;
                 try (Tensor logits = buffer.narrow(0, 0, n); Tensor hiddenChunk = hiddenRows.narrow(0, start, n);
@@ -263,7 +256,7 @@ public final class FusedLinear implements LossGraph {
                     });
                 }
             }
-            final SavedChunk saved = keepLastChunk ? new SavedChunk(buffer, lastStart, tokens - lastStart) : null;
+            final SavedChunk saved = keepLastChunk ? new SavedChunk(buffer) : null;
             kept = saved != null;
             return saved;
         } finally {
@@ -413,21 +406,21 @@ public final class FusedLinear implements LossGraph {
         final LogitsDtype dtype = Tensors.logitsDtype(weight.scalar_type());
         // The first backward takes the forward's buffer: the last chunk's logits are in it already.
         final Tensor taken = savedChunk == null ? null : savedChunk.take();
-        final long savedStart = taken == null ? -1 : savedChunk.start;
         final long chunks = (tokens + chunkRows - 1) / chunkRows;
         try (Tensor buffer = taken != null ? taken
                 : Tensors.empty(new long[] {Math.min(chunkRows, tokens), vocab}, weight.scalar_type().intern(), weight);
                 Tensor weightT = weight.t(); Tensor y = targets.view(-1); Tensor h = entropy.view(-1); Tensor gLpFlat = gLp.view(-1);
                 Tensor gHFlat = gH == null ? null : gH.view(-1)) {
             for (long index = 0; index < chunks; index++) {
-                // With the saved chunk: it first, then the others in order.
-                final long start = taken == null ? index * chunkRows : index == 0 ? savedStart : (index - 1) * chunkRows;
+                // With the saved chunk: the last chunk first, then the others in order.
+                final boolean saved = taken != null && index == 0;
+                final long start = (taken == null ? index : (index + chunks - 1) % chunks) * chunkRows;
                 final long n = Math.min(chunkRows, tokens - start);
                 try (Tensor logits = buffer.narrow(0, 0, n); Tensor hiddenChunk = rows.narrow(0, start, n);
                         Tensor yChunk = y.narrow(0, start, n); Tensor lseChunk = lse.narrow(0, start, n);
                         Tensor hChunk = h.narrow(0, start, n); Tensor gLpChunk = gLpFlat.narrow(0, start, n);
                         Tensor gHChunk = gHFlat == null ? null : gHFlat.narrow(0, start, n)) {
-                    if (start != savedStart) {
+                    if (!saved) {
                         logitsInto(logits, hiddenChunk, weightT, bias);
                     }
                     // The gradient overwrites the chunk's logits (same rows, same strides).
