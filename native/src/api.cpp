@@ -31,20 +31,29 @@ class Checker {
 public:
     explicit Checker(const char* function) : function_(function) {}
 
-    void require(bool condition, const std::string& message) const {
-        if (!condition) fail(GSPO4J_ERROR_INVALID_ARGUMENT, std::string(function_) + ": " + message);
+    // The message is built only when the check fails: `message` returns it (a lambda), so a call
+    // that passes its checks formats no numbers and allocates no strings.
+    template <class Message>
+    void require(bool condition, Message&& message) const {
+        if (!condition) reject(message());
     }
 
-    void pointer(const void* p, const char* name) const { require(p != nullptr, std::string(name) + " must not be NULL"); }
+    [[noreturn]] void reject(const std::string& message) const {
+        fail(GSPO4J_ERROR_INVALID_ARGUMENT, std::string(function_) + ": " + message);
+    }
+
+    void pointer(const void* p, const char* name) const {
+        require(p != nullptr, [&] { return std::string(name) + " must not be NULL"; });
+    }
 
     void non_negative(int64_t value, const char* name) const {
-        require(value >= 0, std::string(name) + " must be >= 0, got " + std::to_string(value));
+        require(value >= 0, [&] { return std::string(name) + " must be >= 0, got " + std::to_string(value); });
     }
 
     void device(int32_t device, const void* stream) const {
         require(device == GSPO4J_DEVICE_CPU || device == GSPO4J_DEVICE_CUDA,
-                "device must be GSPO4J_DEVICE_CPU (0) or GSPO4J_DEVICE_CUDA (1), got " + std::to_string(device));
-        if (device == GSPO4J_DEVICE_CPU) require(stream == nullptr, "stream must be NULL for the CPU");
+                [&] { return "device must be GSPO4J_DEVICE_CPU (0) or GSPO4J_DEVICE_CUDA (1), got " + std::to_string(device); });
+        if (device == GSPO4J_DEVICE_CPU) require(stream == nullptr, [&] { return "stream must be NULL for the CPU"; });
 #ifndef GSPO4J_WITH_CUDA
         if (device == GSPO4J_DEVICE_CUDA) {
             fail(GSPO4J_ERROR_UNSUPPORTED, std::string(function_) + ": this gspo4j library was built without CUDA");
@@ -59,8 +68,8 @@ public:
         if (!offsets) {
             int64_t product = 0;
             require(!__builtin_mul_overflow(batch, seq, &product) && product == tokens,
-                    "padded layout needs tokens = batch * seq, got tokens = " + std::to_string(tokens) + ", batch = " +
-                        std::to_string(batch) + ", seq = " + std::to_string(seq));
+                    [&] { return "padded layout needs tokens = batch * seq, got tokens = " + std::to_string(tokens) + ", batch = " +
+                        std::to_string(batch) + ", seq = " + std::to_string(seq); });
         }
         return TokenLayout{batch, seq, tokens, offsets};
     }
@@ -70,43 +79,43 @@ public:
     // written by several threads at once must not be).
     void strides(int64_t batch, int64_t seq, int64_t vocab, int64_t stride_batch, int64_t stride_seq, const char* what,
                  bool distinct) const {
-        non_negative(stride_batch, (std::string(what) + " stride_batch").c_str());
-        non_negative(stride_seq, (std::string(what) + " stride_seq").c_str());
+        require(stride_batch >= 0, [&] { return std::string(what) + " stride_batch must be >= 0, got " + std::to_string(stride_batch); });
+        require(stride_seq >= 0, [&] { return std::string(what) + " stride_seq must be >= 0, got " + std::to_string(stride_seq); });
         if (batch == 0 || seq == 0) return;
         int64_t a = 0, b = 0, end = 0;
         const bool overflow = __builtin_mul_overflow(batch - 1, stride_batch, &a) ||
                               __builtin_mul_overflow(seq - 1, stride_seq, &b) || __builtin_add_overflow(a, b, &end) ||
                               __builtin_add_overflow(end, vocab, &end);
-        require(!overflow, std::string(what) + ": the last element's offset overflows int64");
+        require(!overflow, [&] { return std::string(what) + ": the last element's offset overflows int64"; });
         if (distinct) {
             require(seq == 1 || stride_seq >= vocab,
-                    std::string(what) + " rows overlap: stride_seq = " + std::to_string(stride_seq) + " < vocab = " + std::to_string(vocab));
+                    [&] { return std::string(what) + " rows overlap: stride_seq = " + std::to_string(stride_seq) + " < vocab = " + std::to_string(vocab); });
             require(batch == 1 || stride_batch >= (seq - 1) * stride_seq + vocab,
-                    std::string(what) + " rows overlap: stride_batch = " + std::to_string(stride_batch) + " < " +
-                        std::to_string((seq - 1) * stride_seq + vocab));
+                    [&] { return std::string(what) + " rows overlap: stride_batch = " + std::to_string(stride_batch) + " < " +
+                        std::to_string((seq - 1) * stride_seq + vocab); });
         }
     }
 
     LogitsView logits(const void* data, int32_t dtype, int64_t batch, int64_t seq, int64_t vocab, int64_t stride_batch,
                       int64_t stride_seq) const {
         require(dtype == GSPO4J_FLOAT32 || dtype == GSPO4J_BFLOAT16 || dtype == GSPO4J_FLOAT16,
-                "dtype must be GSPO4J_FLOAT32 (0), GSPO4J_BFLOAT16 (1) or GSPO4J_FLOAT16 (2), got " + std::to_string(dtype));
+                [&] { return "dtype must be GSPO4J_FLOAT32 (0), GSPO4J_BFLOAT16 (1) or GSPO4J_FLOAT16 (2), got " + std::to_string(dtype); });
         non_negative(batch, "batch");
         non_negative(seq, "seq");
-        require(vocab > 0 && vocab <= INT32_MAX, "vocab must be in [1, 2^31), got " + std::to_string(vocab));
+        require(vocab > 0 && vocab <= INT32_MAX, [&] { return "vocab must be in [1, 2^31), got " + std::to_string(vocab); });
         strides(batch, seq, vocab, stride_batch, stride_seq, "logits", false);
         int64_t rows = 0;
-        require(!__builtin_mul_overflow(batch, seq, &rows), "batch * seq overflows int64");
+        require(!__builtin_mul_overflow(batch, seq, &rows), [&] { return "batch * seq overflows int64"; });
         if (rows > 0) pointer(data, "logits");
         return LogitsView{data, dtype, batch, seq, vocab, stride_batch, stride_seq};
     }
 
     void temperature(double t) const {
-        require(std::isfinite(t) && t > 0.0, "temperature must be finite and > 0, got " + std::to_string(t));
+        require(std::isfinite(t) && t > 0.0, [&] { return "temperature must be finite and > 0, got " + std::to_string(t); });
     }
 
     void finite(double value, const char* name) const {
-        require(std::isfinite(value), std::string(name) + " must be finite, got " + std::to_string(value));
+        require(std::isfinite(value), [&] { return std::string(name) + " must be finite, got " + std::to_string(value); });
     }
 
 private:
@@ -142,7 +151,7 @@ int32_t gspo4j_cuda_runtime_version(void) {
 
 gspo4j_status gspo4j_set_num_threads(int32_t threads) {
     GSPO4J_API_BEGIN()
-    Checker("gspo4j_set_num_threads").require(threads >= 1 && threads <= 1024, "threads must be in [1, 1024], got " + std::to_string(threads));
+    Checker("gspo4j_set_num_threads").require(threads >= 1 && threads <= 1024, [&] { return "threads must be in [1, 1024], got " + std::to_string(threads); });
     gspo4j::set_num_threads(threads);
     GSPO4J_API_END()
 }
@@ -178,7 +187,7 @@ gspo4j_status gspo4j_cuda_resolve_error_check(int64_t ticket) {
 #ifdef GSPO4J_WITH_CUDA
     gspo4j::cuda::resolve_error_check(ticket);
 #else
-    Checker("gspo4j_cuda_resolve_error_check").require(ticket == 0, "ticket " + std::to_string(ticket) + " is unknown (built without CUDA)");
+    Checker("gspo4j_cuda_resolve_error_check").require(ticket == 0, [&] { return "ticket " + std::to_string(ticket) + " is unknown (built without CUDA)"; });
 #endif
     GSPO4J_API_END()
 }
@@ -258,7 +267,7 @@ gspo4j_status gspo4j_token_logprob_backward(int32_t device, void* stream, const 
     if (view.rows() > 0) {
         if (grad_logits == logits) {
             check.require(grad_stride_batch == stride_batch && grad_stride_seq == stride_seq,
-                          "in place (grad_logits == logits) needs the same strides");
+                          [&] { return "in place (grad_logits == logits) needs the same strides"; });
         }
         check.pointer(targets, "targets");
         check.pointer(lse, "lse");
@@ -296,91 +305,91 @@ gspo4j_status gspo4j_policy_loss(int32_t device, void* stream, const gspo4j_loss
     check.pointer(config, "config");
     const gspo4j_loss_config& c = *config;
     check.require(c.ratio_level >= GSPO4J_RATIO_TOKEN && c.ratio_level <= GSPO4J_RATIO_SEQUENCE_TOKEN,
-                  "config.ratio_level must be 0 (token), 1 (sequence) or 2 (sequence-token), got " + std::to_string(c.ratio_level));
+                  [&] { return "config.ratio_level must be 0 (token), 1 (sequence) or 2 (sequence-token), got " + std::to_string(c.ratio_level); });
     check.require(c.aggregation >= GSPO4J_SEQ_MEAN_TOKEN_MEAN && c.aggregation <= GSPO4J_SEQ_MEAN_TOKEN_SUM_NORM,
-                  "config.aggregation must be in [0, 3], got " + std::to_string(c.aggregation));
+                  [&] { return "config.aggregation must be in [0, 3], got " + std::to_string(c.aggregation); });
     check.require(c.kl_estimator >= GSPO4J_KL_K1 && c.kl_estimator <= GSPO4J_KL_LOW_VAR,
-                  "config.kl_estimator must be 0 (k1), 1 (k2), 2 (k3), 3 (k3+), 4 (unbiased k3), 5 (abs) or 6 (low-var k3), got " +
-                      std::to_string(c.kl_estimator));
+                  [&] { return "config.kl_estimator must be 0 (k1), 1 (k2), 2 (k3), 3 (k3+), 4 (unbiased k3), 5 (abs) or 6 (low-var k3), got " +
+                      std::to_string(c.kl_estimator); });
     check.require(c.objective >= GSPO4J_OBJECTIVE_CLIP && c.objective <= GSPO4J_OBJECTIVE_DPPO_KL,
-                  "config.objective must be in [0, 7], got " + std::to_string(c.objective));
+                  [&] { return "config.objective must be in [0, 7], got " + std::to_string(c.objective); });
     switch (c.objective) {
         case GSPO4J_OBJECTIVE_CISPO:
         case GSPO4J_OBJECTIVE_SAPO:
             check.require(c.ratio_level != GSPO4J_RATIO_SEQUENCE,
-                          "CISPO and SAPO take ratio_level 0 (token) or 2 (sequence-token), got 1 (sequence)");
+                          [&] { return "CISPO and SAPO take ratio_level 0 (token) or 2 (sequence-token), got 1 (sequence)"; });
             break;
         case GSPO4J_OBJECTIVE_GMPO:
         case GSPO4J_OBJECTIVE_LUSPO:
             check.require(c.ratio_level == GSPO4J_RATIO_SEQUENCE,
-                          "GMPO and LUSPO take ratio_level 1 (sequence), got " + std::to_string(c.ratio_level));
+                          [&] { return "GMPO and LUSPO take ratio_level 1 (sequence), got " + std::to_string(c.ratio_level); });
             break;
         case GSPO4J_OBJECTIVE_VESPO:
         case GSPO4J_OBJECTIVE_DPPO_TV:
         case GSPO4J_OBJECTIVE_DPPO_KL:
             check.require(c.ratio_level == GSPO4J_RATIO_TOKEN,
-                          "VESPO and DPPO take ratio_level 0 (token), got " + std::to_string(c.ratio_level));
+                          [&] { return "VESPO and DPPO take ratio_level 0 (token), got " + std::to_string(c.ratio_level); });
             break;
         default:
             break;
     }
     check.require(c.dual_clip == 0.0 || c.objective == GSPO4J_OBJECTIVE_CLIP || c.objective == GSPO4J_OBJECTIVE_LUSPO,
-                  "config.dual_clip applies to the clipped objectives (GSPO, GSPO-token, GRPO, PPO, LUSPO); set it to 0");
+                  [&] { return "config.dual_clip applies to the clipped objectives (GSPO, GSPO-token, GRPO, PPO, LUSPO); set it to 0"; });
     check.require(std::isfinite(c.sapo_tau_pos) && c.sapo_tau_pos > 0.0 && std::isfinite(c.sapo_tau_neg) && c.sapo_tau_neg > 0.0,
-                  "config.sapo_tau_pos and sapo_tau_neg must be finite and > 0, got " + std::to_string(c.sapo_tau_pos) + " and " +
-                      std::to_string(c.sapo_tau_neg));
+                  [&] { return "config.sapo_tau_pos and sapo_tau_neg must be finite and > 0, got " + std::to_string(c.sapo_tau_pos) + " and " +
+                      std::to_string(c.sapo_tau_neg); });
     check.finite(c.vespo_k_pos, "config.vespo_k_pos");
     check.finite(c.vespo_lambda_pos, "config.vespo_lambda_pos");
     check.finite(c.vespo_k_neg, "config.vespo_k_neg");
     check.finite(c.vespo_lambda_neg, "config.vespo_lambda_neg");
     check.require(std::isfinite(c.dppo_delta_low) && c.dppo_delta_low >= 0.0 && std::isfinite(c.dppo_delta_high) &&
                       c.dppo_delta_high >= 0.0,
-                  "config.dppo_delta_low and dppo_delta_high must be finite and >= 0, got " + std::to_string(c.dppo_delta_low) +
-                      " and " + std::to_string(c.dppo_delta_high));
+                  [&] { return "config.dppo_delta_low and dppo_delta_high must be finite and >= 0, got " + std::to_string(c.dppo_delta_low) +
+                      " and " + std::to_string(c.dppo_delta_high); });
     check.require(std::isfinite(c.dppo_ratio_cap) && c.dppo_ratio_cap > 0.0,
-                  "config.dppo_ratio_cap must be finite and > 0, got " + std::to_string(c.dppo_ratio_cap));
+                  [&] { return "config.dppo_ratio_cap must be finite and > 0, got " + std::to_string(c.dppo_ratio_cap); });
     check.require(std::isfinite(c.eps_low) && c.eps_low >= 0.0 && c.eps_low <= 1.0,
-                  "config.eps_low must be in [0, 1] (1: no lower bound), got " + std::to_string(c.eps_low));
-    check.require(std::isfinite(c.eps_high) && c.eps_high >= 0.0, "config.eps_high must be finite and >= 0, got " + std::to_string(c.eps_high));
+                  [&] { return "config.eps_low must be in [0, 1] (1: no lower bound), got " + std::to_string(c.eps_low); });
+    check.require(std::isfinite(c.eps_high) && c.eps_high >= 0.0, [&] { return "config.eps_high must be finite and >= 0, got " + std::to_string(c.eps_high); });
     check.require(c.dual_clip == 0.0 || (std::isfinite(c.dual_clip) && c.dual_clip > 1.0),
-                  "config.dual_clip must be 0 (off) or > 1, got " + std::to_string(c.dual_clip));
+                  [&] { return "config.dual_clip must be 0 (off) or > 1, got " + std::to_string(c.dual_clip); });
     check.require(std::isfinite(c.log_ratio_clamp) && c.log_ratio_clamp > 0.0,
-                  "config.log_ratio_clamp must be finite and > 0, got " + std::to_string(c.log_ratio_clamp));
+                  [&] { return "config.log_ratio_clamp must be finite and > 0, got " + std::to_string(c.log_ratio_clamp); });
     check.require(std::isfinite(c.normalizer) && c.normalizer >= 0.0,
-                  "config.normalizer must be finite and >= 0 (0: local count), got " + std::to_string(c.normalizer));
+                  [&] { return "config.normalizer must be finite and >= 0 (0: local count), got " + std::to_string(c.normalizer); });
     check.require(std::isfinite(c.responses_total) && c.responses_total >= 0.0 && std::isfinite(c.tokens_total) &&
                       c.tokens_total >= 0.0 && std::isfinite(c.batch_total) && c.batch_total >= 0.0,
-                  "config.responses_total, tokens_total and batch_total must be finite and >= 0 (0: this call's count), got " +
+                  [&] { return "config.responses_total, tokens_total and batch_total must be finite and >= 0 (0: this call's count), got " +
                       std::to_string(c.responses_total) + ", " + std::to_string(c.tokens_total) + " and " +
-                      std::to_string(c.batch_total));
+                      std::to_string(c.batch_total); });
     check.require(std::isfinite(c.length_norm) && c.length_norm >= 0.0,
-                  "config.length_norm must be finite and >= 0 (0: default), got " + std::to_string(c.length_norm));
+                  [&] { return "config.length_norm must be finite and >= 0 (0: default), got " + std::to_string(c.length_norm); });
     check.finite(c.kl_coef, "config.kl_coef");
     check.finite(c.entropy_coef, "config.entropy_coef");
     check.require(c.rollout_level >= GSPO4J_ROLLOUT_OFF && c.rollout_level <= GSPO4J_ROLLOUT_GEOMETRIC,
-                  "config.rollout_level must be 0 (off), 1 (token), 2 (sequence) or 3 (geometric), got " +
-                      std::to_string(c.rollout_level));
+                  [&] { return "config.rollout_level must be 0 (off), 1 (token), 2 (sequence) or 3 (geometric), got " +
+                      std::to_string(c.rollout_level); });
     check.require(c.rollout_mode == GSPO4J_ROLLOUT_TRUNCATE || c.rollout_mode == GSPO4J_ROLLOUT_MASK,
-                  "config.rollout_mode must be 0 (truncate) or 1 (mask), got " + std::to_string(c.rollout_mode));
+                  [&] { return "config.rollout_mode must be 0 (truncate) or 1 (mask), got " + std::to_string(c.rollout_mode); });
     check.require(std::isfinite(c.rollout_c_min) && c.rollout_c_min >= 0.0 && std::isfinite(c.rollout_c_max) &&
                       c.rollout_c_max >= 0.0 && (c.rollout_c_max == 0.0 || c.rollout_c_min <= c.rollout_c_max),
-                  "config.rollout_c_min and rollout_c_max must be finite and >= 0 (0: no bound) with c_min <= c_max, got " +
-                      std::to_string(c.rollout_c_min) + " and " + std::to_string(c.rollout_c_max));
+                  [&] { return "config.rollout_c_min and rollout_c_max must be finite and >= 0 (0: no bound) with c_min <= c_max, got " +
+                      std::to_string(c.rollout_c_min) + " and " + std::to_string(c.rollout_c_max); });
     check.require(c.rejection_divergence >= GSPO4J_DIVERGENCE_NONE && c.rejection_divergence <= GSPO4J_DIVERGENCE_K3,
-                  "config.rejection_divergence must be 0 (none), 1 (k1), 2 (k2) or 3 (k3), got " +
-                      std::to_string(c.rejection_divergence));
+                  [&] { return "config.rejection_divergence must be 0 (none), 1 (k1), 2 (k2) or 3 (k3), got " +
+                      std::to_string(c.rejection_divergence); });
     check.require(c.rejection_scope >= GSPO4J_REJECT_TOKEN && c.rejection_scope <= GSPO4J_REJECT_MAX,
-                  "config.rejection_scope must be 0 (token), 1 (mean), 2 (sum) or 3 (max), got " + std::to_string(c.rejection_scope));
+                  [&] { return "config.rejection_scope must be 0 (token), 1 (mean), 2 (sum) or 3 (max), got " + std::to_string(c.rejection_scope); });
     check.require(c.rejection_divergence == GSPO4J_DIVERGENCE_NONE ||
                       (std::isfinite(c.rejection_high) && std::isfinite(c.rejection_low) &&
                        (c.rejection_divergence == GSPO4J_DIVERGENCE_K1 ? c.rejection_low <= c.rejection_high : c.rejection_high > 0.0)),
-                  "config.rejection_high must be finite (> 0 for k2 and k3) and, for k1, rejection_low finite and <= rejection_high, got " +
-                      std::to_string(c.rejection_low) + " and " + std::to_string(c.rejection_high));
+                  [&] { return "config.rejection_high must be finite (> 0 for k2 and k3) and, for k1, rejection_low finite and <= rejection_high, got " +
+                      std::to_string(c.rejection_low) + " and " + std::to_string(c.rejection_high); });
     check.finite(c.off_policy_delta, "config.off_policy_delta");
     check.require(!(c.off_policy_mask != 0 && advantages_per_token),
-                  "config.off_policy_mask drops responses with A_b < 0: it needs one advantage per response");
+                  [&] { return "config.off_policy_mask drops responses with A_b < 0: it needs one advantage per response"; });
     check.require(!(c.ratio_level == GSPO4J_RATIO_SEQUENCE && advantages_per_token),
-                  "a sequence objective (GSPO, LUSPO, GMPO) needs one advantage per response; use GSPO-token for per-token advantages");
+                  [&] { return "a sequence objective (GSPO, LUSPO, GMPO) needs one advantage per response; use GSPO-token for per-token advantages"; });
     const gspo4j::TokenLayout layout = check.layout(batch, seq, tokens, offsets);
     check.pointer(loss, "loss");
     if (tokens > 0) {
@@ -404,7 +413,7 @@ gspo4j_status gspo4j_entropy_threshold(int32_t device, void* stream, int64_t tok
     const Checker check("gspo4j_entropy_threshold");
     check.device(device, stream);
     check.non_negative(tokens, "tokens");
-    check.require(rho > 0.0 && rho <= 1.0, "rho must be in (0, 1], got " + std::to_string(rho));
+    check.require(rho > 0.0 && rho <= 1.0, [&] { return "rho must be in (0, 1], got " + std::to_string(rho); });
     check.pointer(threshold, "threshold");
     if (tokens > 0) check.pointer(entropy, "entropy");
     GSPO4J_ON_DEVICE(device, stream, entropy_threshold, tokens, entropy, mask, rho, check_finite != 0, threshold);
@@ -419,9 +428,9 @@ gspo4j_status gspo4j_group_advantages(int32_t device, void* stream, int64_t coun
     check.device(device, stream);
     check.non_negative(count, "count");
     check.require(mode >= GSPO4J_ADVANTAGE_MEAN_STD && mode <= GSPO4J_ADVANTAGE_MEAN_BATCH_STD,
-                  "mode must be 0 (MEAN_STD), 1 (MEAN), 2 (RLOO) or 3 (MEAN_BATCH_STD), got " + std::to_string(mode));
-    check.require(std::isfinite(eps) && eps >= 0.0, "eps must be finite and >= 0, got " + std::to_string(eps));
-    if (!group_ids) check.require(group_size > 0, "group_size must be > 0 without group_ids, got " + std::to_string(group_size));
+                  [&] { return "mode must be 0 (MEAN_STD), 1 (MEAN), 2 (RLOO) or 3 (MEAN_BATCH_STD), got " + std::to_string(mode); });
+    check.require(std::isfinite(eps) && eps >= 0.0, [&] { return "eps must be finite and >= 0, got " + std::to_string(eps); });
+    if (!group_ids) check.require(group_size > 0, [&] { return "group_size must be > 0 without group_ids, got " + std::to_string(group_size); });
     if (count > 0) {
         check.pointer(rewards, "rewards");
         check.pointer(advantages, "advantages");
@@ -437,8 +446,8 @@ gspo4j_status gspo4j_gae(int32_t device, void* stream, int64_t batch, int64_t se
     const Checker check("gspo4j_gae");
     check.device(device, stream);
     const gspo4j::TokenLayout layout = check.layout(batch, seq, tokens, offsets);
-    check.require(std::isfinite(gamma) && gamma >= 0.0 && gamma <= 1.0, "gamma must be in [0, 1], got " + std::to_string(gamma));
-    check.require(std::isfinite(lambda) && lambda >= 0.0 && lambda <= 1.0, "lambda must be in [0, 1], got " + std::to_string(lambda));
+    check.require(std::isfinite(gamma) && gamma >= 0.0 && gamma <= 1.0, [&] { return "gamma must be in [0, 1], got " + std::to_string(gamma); });
+    check.require(std::isfinite(lambda) && lambda >= 0.0 && lambda <= 1.0, [&] { return "lambda must be in [0, 1], got " + std::to_string(lambda); });
     if (tokens > 0) {
         check.pointer(rewards, "rewards");
         check.pointer(values, "values");

@@ -348,8 +348,27 @@ public final class FusedLogProbs implements LossGraph {
      */
     public Tensor logitsGradient(Tensor scale) {
         checkUnchanged();
-        final Tensor gLp = scale == null ? gradLogprob : gradLogprob.mul(scale);
-        final Tensor gH = gradEntropy == null ? null : scale == null ? gradEntropy : gradEntropy.mul(scale);
+        return scaledGradient(scale == null ? gradLogprob : gradLogprob.mul(scale),
+                gradEntropy == null ? null : scale == null ? gradEntropy : gradEntropy.mul(scale));
+    }
+
+    /**
+     * {@link #logitsGradient(Tensor)} with the scale as a number, rounded to float32 as the upstream
+     * gradient of a float32 loss is: the products are those of a 0-dim float32 scale tensor.
+     */
+    public Tensor logitsGradient(double scale) {
+        checkUnchanged();
+        if (scale == 1.0) {
+            return scaledGradient(gradLogprob, gradEntropy);
+        }
+        try (Scalar s = new Scalar((double) (float) scale)) {
+            return scaledGradient(gradLogprob.mul(s), gradEntropy == null ? null : gradEntropy.mul(s));
+        }
+    }
+
+    // The kernel's gradient for the (scaled) per-token gradients gLp and gH; closes them when they
+    // are not this object's own.
+    private Tensor scaledGradient(Tensor gLp, Tensor gH) {
         try {
             if (inPlace) {
                 return overwriteLogits(gLp, gH);
@@ -415,26 +434,70 @@ public final class FusedLogProbs implements LossGraph {
         Unscoped.run(() -> backwardIntoUnscoped(value, scale));
     }
 
+    // The direct path needs none of loss()'s graph: the upstream gradient is `scale`, known now, and
+    // this backward runs to its end before returning, so no token has to tell when the graph goes.
+    // What is left is the entry into the logits' own graph, two aliases whose backward nodes carry
+    // our hooks:
+    //   logits -> released (hook: drop our reference) -> entry (hook: the fused gradient)
+    // and a backward from `entry` with a storage-less zero tensor as its gradient, which the
+    // gradient hook replaces by the fused kernel's. As in loss()'s graph, the release hook runs
+    // before the logits' own node sees the gradient (AccumulateGrad would clone a gradient somebody
+    // else holds).
     private void backwardIntoUnscoped(Tensor value, double scale) {
         checkUnchanged();
-        final FusedLogProbs graph = copy();
-        graph.directGraph = true;
+        requireAttachable();
         directSent.set(true);
-        final Tensor loss;
+        final Tensor[] sent = new Tensor[1];
+        final RuntimeException[] failure = new RuntimeException[1];
+        final TensorTensorHook gradient = new TensorTensorHook() {
+            @Override
+            public TensorBase call(TensorBase ignored) {
+                ignored.close();
+                try {
+                    return Unscoped.call(() -> {
+                        if (Tensors.isCuda(logits)) {
+                            // What the CUDA kernels of compute() (and earlier calls) found, before a gradient from them.
+                            DeferredChecks.resolve(DeferredChecks.deviceOf(logits), false);
+                        }
+                        final Tensor grad = logitsGradient(scale);
+                        sent[0] = grad;
+                        gradientSent.set(true);
+                        return grad;
+                    });
+                } catch (RuntimeException e) {
+                    failure[0] = e;
+                    throw e;
+                }
+            }
+        };
+        final VoidTensorHook release = new VoidTensorHook() {
+            @Override
+            public void call(TensorBase grad) {
+                grad.close();
+                if (sent[0] != null) {
+                    sent[0].close();
+                    sent[0] = null;
+                }
+            }
+        };
         try {
-            loss = graph.attach(value);
-        } catch (RuntimeException | Error e) {
-            graph.close();
-            throw e;
-        }
-        try (Tensor root = loss; TensorOptions base = value.options(); ScalarTypeOptional float32 = new ScalarTypeOptional(ScalarType.Float);
-                TensorOptions options = base.dtype(float32); Scalar s = new Scalar(scale);
-                Tensor gradient = torch.full(new long[0], s, options); BoolOptional retain = new BoolOptional(false);
-                TensorArrayRefOptional inputs = new TensorArrayRefOptional()) {
-            root.backward(gradient, retain, false, inputs);
-        } catch (RuntimeException e) {
-            final RuntimeException cause = graph.hookFailure;
-            throw cause != null ? cause : e;
+            try (AutoGradMode gradMode = new AutoGradMode(true); Tensor released = callerLogits.alias(); Tensor entry = released.alias();
+                    Tensor zero = torch.torch__efficientzerotensor(logitsShape, Tensors.options(logits.scalar_type(), logits));
+                    BoolOptional retain = new BoolOptional(false); TensorArrayRefOptional inputs = new TensorArrayRefOptional()) {
+                released.register_hook(release);
+                entry.register_hook(gradient);
+                entry.backward(zero, retain, false, inputs);
+            } catch (RuntimeException e) {
+                throw failure[0] != null ? failure[0] : e;
+            } finally {
+                if (sent[0] != null) {
+                    sent[0].close(); // the engine failed between the two hooks
+                }
+            }
+        } finally {
+            // The aliases, and with them the nodes that held the hooks, are gone.
+            gradient.close();
+            release.close();
         }
     }
 
@@ -476,14 +539,7 @@ public final class FusedLogProbs implements LossGraph {
 
     private Tensor attachUnscoped(Tensor value) {
         checkUnchanged();
-        if (InferenceMode.is_enabled()) {
-            throw new IllegalStateException("loss() cannot build its autograd graph in inference mode (c10::InferenceMode): "
-                    + "call loss() outside the InferenceMode guard, or use lossValue() for the value");
-        }
-        if (!callerLogits.requires_grad()) {
-            throw new IllegalStateException("the logits no longer require grad (requires_grad_(false) after compute()): there is "
-                    + "nothing to send the gradient to");
-        }
+        requireAttachable();
         final List<Pointer> made = new ArrayList<>();
         Tensor loss = null;
         boolean built = false;
@@ -546,6 +602,17 @@ public final class FusedLogProbs implements LossGraph {
     }
 
 
+
+    private void requireAttachable() {
+        if (InferenceMode.is_enabled()) {
+            throw new IllegalStateException("loss() cannot build its autograd graph in inference mode (c10::InferenceMode): "
+                    + "call loss() outside the InferenceMode guard, or use lossValue() for the value");
+        }
+        if (!callerLogits.requires_grad()) {
+            throw new IllegalStateException("the logits no longer require grad (requires_grad_(false) after compute()): there is "
+                    + "nothing to send the gradient to");
+        }
+    }
 
     /** The gradient hook's body: the fused gradient scaled by the recorded upstream gradient. */
     private Tensor sendGradient() {

@@ -5,11 +5,15 @@ import org.bytedeco.javacpp.DoublePointer;
 import org.bytedeco.javacpp.FloatPointer;
 import org.bytedeco.javacpp.LongPointer;
 import org.bytedeco.javacpp.Pointer;
+import java.util.Map;
+import java.util.concurrent.ConcurrentHashMap;
+import org.bytedeco.pytorch.DeviceOptional;
 import org.bytedeco.pytorch.MemoryFormatOptional;
 import org.bytedeco.pytorch.ScalarTypeOptional;
 import org.bytedeco.pytorch.Tensor;
 import org.bytedeco.pytorch.TensorOptions;
 import org.bytedeco.pytorch.global.torch;
+import org.bytedeco.pytorch.global.torch.DeviceType;
 import org.bytedeco.pytorch.global.torch.ScalarType;
 
 /** Small bridges between libtorch tensors and the kernels' pointers. */
@@ -37,12 +41,38 @@ public final class Tensors {
         return t.data_ptr();
     }
 
+    // No memory format: libtorch's default (contiguous). Read-only, shared by every call.
+    private static final MemoryFormatOptional DEFAULT_FORMAT = Unscoped.call(MemoryFormatOptional::new);
+    // The options of a strided tensor of each dtype on the CPU (key -1) and on each CUDA device
+    // (its index), made once: building them per call is three native objects, as much time as the
+    // allocation they describe on small inputs. Read-only, shared by every thread; never closed.
+    private static final Map<Long, TensorOptions> OPTIONS = new ConcurrentHashMap<>();
+
     /** An uninitialised tensor of the given shape and dtype on {@code like}'s device. */
     public static Tensor empty(long[] shape, ScalarType type, Tensor like) {
-        try (TensorOptions base = like.options(); ScalarTypeOptional dtype = new ScalarTypeOptional(type);
-                TensorOptions options = base.dtype(dtype); MemoryFormatOptional format = new MemoryFormatOptional()) {
-            return torch.empty(shape, options, format);
+        return torch.empty(shape, options(type, like), DEFAULT_FORMAT);
+    }
+
+    /**
+     * Options for a strided tensor of dtype {@code type} on {@code like}'s device (CPU or CUDA),
+     * shared: do not close them.
+     */
+    public static TensorOptions options(ScalarType type, Tensor like) {
+        final boolean cuda = like.is_cuda();
+        final long device = cuda ? DeferredChecks.deviceOf(like) : -1;
+        final int dtype = type.intern().ordinal();
+        final long key = (device << 8) | dtype;
+        final TensorOptions cached = OPTIONS.get(key);
+        if (cached != null) {
+            return cached;
         }
+        return OPTIONS.computeIfAbsent(key, k -> Unscoped.call(() -> {
+            try (TensorOptions base = new TensorOptions(type);
+                    org.bytedeco.pytorch.Device where = cuda ? new org.bytedeco.pytorch.Device(DeviceType.CUDA, (byte) device)
+                            : new org.bytedeco.pytorch.Device(DeviceType.CPU); DeviceOptional at = new DeviceOptional(where)) {
+                return base.device(at);
+            }
+        }));
     }
 
     public static long[] shape(Tensor t) {
