@@ -1,6 +1,7 @@
 package dev.gspo4j;
 
 import dev.gspo4j.internal.DeferredChecks;
+import dev.gspo4j.internal.HostScan;
 import dev.gspo4j.internal.Kernels;
 import dev.gspo4j.internal.LogitsDtype;
 import dev.gspo4j.internal.LogitsView;
@@ -126,7 +127,11 @@ final class PreparedInput implements AutoCloseable {
                     .targets(targets, mask, vocab).offsets(offsets, tokens);
             // On a GPU the forward kernel checks every id as it reads the row (no host round trip);
             // PolicyLoss reports what it found before returning.
-            if (tokens > 0 && !Tensors.isCuda(logits)) {
+            if (tokens > 0 && !Tensors.isCuda(logits) && hostReadable(targets)) {
+                if (HostScan.firstOutside(targets, vocab) >= 0) {
+                    throw new IllegalArgumentException(firstBadTarget(vocab, tokens));
+                }
+            } else if (tokens > 0 && !Tensors.isCuda(logits)) {
                 final long min;
                 final long max;
                 // One pass over the ids (aminmax), not two.
@@ -222,6 +227,14 @@ final class PreparedInput implements AutoCloseable {
             if (mask == null && offsets == null) {
                 return new LossMetrics(values, null, tokens > 0 ? batch : 0, null, tokens);
             }
+            if (!Tensors.isCuda(values) && (mask == null || hostReadable(mask))) {
+                // On the CPU the counts are one pass over the mask bytes (and the checked offsets).
+                if (mask == null) {
+                    return new LossMetrics(values, null, HostScan.nonEmpty(layout), null, tokens);
+                }
+                final long[] counts = HostScan.counts(mask, layout);
+                return new LossMetrics(values, null, counts[0], null, counts[1]);
+            }
             if (mask == null) {
                 try (Tensor ends = offsets.narrow(0, 1, batch); Tensor starts = offsets.narrow(0, 0, batch);
                         Tensor lengths = ends.sub(starts); Scalar zero = new Scalar(0L); Tensor nonEmpty = lengths.gt(zero)) {
@@ -280,6 +293,10 @@ final class PreparedInput implements AutoCloseable {
 
     static void requireSameDevice(Tensor t, String name, Tensor logits) {
         TensorArgs.requireOpen(t, name);
+        if (t.is_cpu() && logits.is_cpu()) {
+            TensorArgs.requireReadable(t, name);
+            return;
+        }
         try (Device device = t.device(); Device logitsDevice = logits.device()) {
             if (!device.equals(logitsDevice)) {
                 throw new IllegalArgumentException(name + " is on " + deviceName(t) + " but the logits are on " + deviceName(logits)
@@ -289,9 +306,18 @@ final class PreparedInput implements AutoCloseable {
         TensorArgs.requireReadable(t, name);
     }
 
+    // A dense, contiguous CPU tensor whose memory holds its values (no negative or conjugate bit):
+    // what HostScan reads. The caller checked it is readable.
+    static boolean hostReadable(Tensor t) {
+        return t.is_cpu() && t.is_contiguous() && !t.is_neg() && !t.is_conj();
+    }
+
     // t converted to `type` and made contiguous, its negative bit resolved (a copy only when the
     // bit is set): the kernels read the memory, where a _neg_view() holds the values negated.
     private Tensor converted(Tensor t, ScalarType type) {
+        if (t.scalar_type().intern() == type && t.is_contiguous() && !t.is_neg() && !t.is_conj()) {
+            return own(new Tensor(t)); // already what the kernels read: another reference, no op
+        }
         final Tensor resolved = TensorArgs.resolved(t);
         try (Tensor typed = resolved.to(type)) {
             return own(typed.contiguous());
@@ -357,6 +383,21 @@ final class PreparedInput implements AutoCloseable {
      * is an error: reading the values, a device sync on a GPU unless the mask is already bool.
      */
     static Tensor validMask(Tensor t, String name) {
+        if (hostReadable(t)) {
+            final ScalarType type = t.scalar_type().intern();
+            if (type == ScalarType.Bool) {
+                return new Tensor(t); // already the kernels' bytes: no copy
+            }
+            if (HostScan.readsMask(type)) {
+                // One pass that checks the values and writes the bytes.
+                final Tensor bytes = Tensors.empty(Tensors.shape(t), ScalarType.Bool, t);
+                if (HostScan.maskToBytes(t, bytes) >= 0) {
+                    bytes.close();
+                    throw new IllegalArgumentException(maskValuesMessage(name, t));
+                }
+                return bytes;
+            }
+        }
         if (t.scalar_type().intern() != ScalarType.Bool) {
             if (torch.isComplexType(t.scalar_type())) {
                 throw new IllegalArgumentException(name + " must be bool, integer or floating 0/1, got " + typeName(t));

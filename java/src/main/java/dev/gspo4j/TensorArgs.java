@@ -35,8 +35,8 @@ final class TensorArgs {
             throw new IllegalArgumentException(name + " is quantized (" + PreparedInput.typeName(t) + "); " + name
                     + ".dequantize() gives the float tensor gspo4j reads");
         }
-        try (Device device = t.device()) {
-            if (!device.is_cpu() && !device.is_cuda()) {
+        if (!t.is_cpu() && !t.is_cuda()) {
+            try (Device device = t.device()) {
                 throw new IllegalArgumentException(name + (name.equals("logits") ? " are" : " is") + " on "
                         + PreparedInput.deviceName(t) + (device.is_meta() ? ", which holds no data" : "")
                         + "; this gspo4j library runs on " + (Kernels.cudaDeviceCount() > 0 ? "cpu and cuda"
