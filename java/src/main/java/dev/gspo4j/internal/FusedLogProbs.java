@@ -28,15 +28,16 @@ import org.bytedeco.pytorch.global.torch.ScalarType;
 
 /**
  * What the fused backward needs from one forward, and the differentiable loss that runs it from
- * libtorch's autograd. Both backward paths go through that graph: {@code loss().backward()} and the
- * direct {@code LossResult.backward(scale)}, which builds a private graph and runs it at once, so
- * libtorch's engine delivers the gradient either way (the logits' tensor hooks and gradient
- * accumulation run as for any libtorch gradient).
+ * libtorch's autograd. Both backward paths hand the gradient to libtorch's engine at the logits, so
+ * the logits' tensor hooks and gradient accumulation run as for any libtorch gradient: {@code
+ * loss().backward()} through the graph below, the direct {@code LossResult.backward(scale)} through
+ * the two aliases at its end alone (its upstream gradient is known and it runs at once, so it needs
+ * neither the upstream hook nor the tokens; see backwardIntoUnscoped).
  *
  * <p>The presets offer no custom autograd Function for Java, so the differentiable loss is built
  * from stock ops plus three hooks:
  * <pre>
- *   loss = value + float(dot(view(-1, alias(released(logits)) * Z), Z')) * one + anchor * 0
+ *   loss = (value + float(dot(view(-1, alias(released(logits)) * Z), Z')) * one) * anchor
  * </pre>
  * {@code Z} and {@code Z'} are libtorch "efficient zero tensors" (no storage; ops on them only
  * compute the result's metadata): the product, the dot and their backwards never touch the logits'
@@ -59,7 +60,7 @@ import org.bytedeco.pytorch.global.torch.ScalarType;
  *
  * <p>Lifetime: the hooks are Java callbacks and must stay reachable as long as the graph can call
  * them; the forward's tensors (logits, lse, coefficients) likewise. Two one-element tensors over
- * memory we own, each with a deleter, tell us when that ends. {@code one} is saved by the
+ * memory we own, each holding 1 and with a deleter, tell us when that ends. {@code one} is saved by the
  * MulBackward of {@code * one}, which every backward runs before both hooks (they are downstream of
  * it): a backward without retain_graph frees it there, so we know this backward is the graph's last
  * and release everything once the gradient has passed the {@code released} hook; a second backward
@@ -157,16 +158,7 @@ public final class FusedLogProbs implements LossGraph {
     private boolean closed;
     // JavaCPP hands each hook an owning copy of its argument: every hook closes it, or the
     // argument (here the [N, V] gradient) stays alive until a garbage collection.
-    private final VoidTensorHook releaseHook = new VoidTensorHook() {
-        @Override
-        public void call(TensorBase grad) {
-            releasePendingGradient();
-            grad.close();
-            if (lastBackward && anchorAddress != 0) {
-                FusedLogProbs.this.close(); // no later backward can reach this graph's hooks
-            }
-        }
-    };
+    private VoidTensorHook releaseHook;
 
     /**
      * Takes its own references to every tensor (the caller keeps and closes its own), and records
@@ -543,10 +535,9 @@ public final class FusedLogProbs implements LossGraph {
         final List<Pointer> made = new ArrayList<>();
         Tensor loss = null;
         boolean built = false;
-        try (AutoGradMode gradMode = new AutoGradMode(true); Scalar zeroScalar = new Scalar(0.0);
-                TensorOptions base = callerLogits.options(); ScalarTypeOptional float32 = new ScalarTypeOptional(ScalarType.Float);
-                TensorOptions options = base.dtype(float32)) {
-            final Tensor anchorBase = keep(made, GraphTokens.token(0.0, GRAPH_DROPPED, options));
+        try (AutoGradMode gradMode = new AutoGradMode(true)) {
+            final TensorOptions options = Tensors.options(ScalarType.Float, callerLogits); // shared: not closed
+            final Tensor anchorBase = keep(made, GraphTokens.token(1.0, GRAPH_DROPPED, options));
             anchorAddress = anchorBase.data_ptr().address();
             LIVE_GRAPHS.put(anchorAddress, this);
             final Tensor one = keep(made, GraphTokens.token(1.0, ONE_RELEASED, options));
@@ -555,6 +546,16 @@ public final class FusedLogProbs implements LossGraph {
             final Tensor anchor = keep(made, anchorBase.set_requires_grad(true));
             // logits -> released (hook: drop our reference) -> alias (hook: the gradient) -> * Z
             final Tensor released = keep(made, callerLogits.alias());
+            releaseHook = new VoidTensorHook() {
+                @Override
+                public void call(TensorBase grad) {
+                    releasePendingGradient();
+                    grad.close();
+                    if (lastBackward && anchorAddress != 0) {
+                        FusedLogProbs.this.close(); // no later backward can reach this graph's hooks
+                    }
+                }
+            };
             released.register_hook(releaseHook);
             final Tensor alias = keep(made, released.alias());
             gradientHook = new TensorTensorHook() {
@@ -580,10 +581,13 @@ public final class FusedLogProbs implements LossGraph {
                 }
             };
             attached.register_hook(upstreamHook);
+            // Both tokens are 1: the products pass the value and the upstream gradient on unchanged,
+            // exactly. The anchor multiplies the sum, not the zero term, so that its own gradient
+            // (upstream * value) is a plain tensor: a zero tensor there could not take a second
+            // backward's accumulation (retain_graph).
             final Tensor guarded = keep(made, attached.mul(one));
-            final Tensor keepAlive = keep(made, anchor.mul(zeroScalar));
             final Tensor partial = keep(made, value.add(guarded));
-            loss = partial.add(keepAlive);
+            loss = partial.mul(anchor);
             built = true;
             return loss;
         } finally {

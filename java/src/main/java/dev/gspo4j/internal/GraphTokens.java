@@ -59,10 +59,11 @@ final class GraphTokens {
      * Every intermediate goes to {@code made}.
      */
     static Tensor zeroDot(List<Pointer> made, Tensor alias, Tensor like) {
-        final Tensor zero = keep(made, torch.torch__efficientzerotensor(new long[0], like.options()));
+        final TensorOptions options = Tensors.options(like.scalar_type(), like); // shared: not closed
+        final Tensor zero = keep(made, torch.torch__efficientzerotensor(new long[0], options));
         final Tensor zeros = keep(made, alias.mul(zero));
         final Tensor flat = keep(made, zeros.view(-1));
-        final Tensor zeroFlat = keep(made, torch.torch__efficientzerotensor(new long[] {flat.size(0)}, like.options()));
+        final Tensor zeroFlat = keep(made, torch.torch__efficientzerotensor(new long[] {flat.size(0)}, options));
         final Tensor dot = keep(made, flat.dot(zeroFlat));
         return keep(made, dot.to(ScalarType.Float));
     }
