@@ -299,8 +299,15 @@ class InPlaceBackwardTest {
             }
             assertTrue(GradientPool.inUse() <= inUseBefore, "every block came back: " + GradientPool.inUse() + " in use, "
                     + inUseBefore + " before");
-            GradientPool.release();
-            assertEquals(0, GradientPool.idleBytes());
+            // release() frees every idle block. A gradient of an earlier test class that was never
+            // closed goes back to the pool whenever JavaCPP's GC thread frees it, possibly just after
+            // the release (seen once in CI: 9738 bytes): release again then, a few times at most.
+            long idle = -1;
+            for (int attempt = 0; attempt < 5 && idle != 0; attempt++) {
+                GradientPool.release();
+                idle = GradientPool.idleBytes();
+            }
+            assertEquals(0, idle);
         } finally {
             GradientPool.setLimit(limit);
         }

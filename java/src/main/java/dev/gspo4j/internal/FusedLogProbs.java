@@ -139,8 +139,6 @@ public final class FusedLogProbs implements LossGraph {
     // Shared by every copy: whether the direct path (LossResult.backward) ran. A graph from loss()
     // then refuses its backward, which would add the same gradient a second time.
     private final AtomicBoolean directSent;
-    // This copy is the direct path's private graph.
-    private boolean directGraph;
     // Graph-only state, set by attach().
     private VoidTensorHook upstreamHook;
     private TensorTensorHook gradientHook;
@@ -414,9 +412,9 @@ public final class FusedLogProbs implements LossGraph {
     }
 
     /**
-     * The direct path: builds a private graph over {@code value} (see {@link #attach}) and runs its
-     * backward with upstream gradient {@code scale}, so the gradient reaches the logits through
-     * libtorch's engine, as from {@code loss().backward()}. Checks first, so a change since
+     * The direct path: the gradient of {@code scale * loss} enters the logits' graph through two
+     * aliases (see backwardIntoUnscoped), so it reaches the logits through libtorch's engine, as
+     * from {@code loss().backward()}, without loss()'s graph. Checks first, so a change since
      * compute() is an exception with nothing sent.
      *
      * @param scale finite, within the float32 range (checked by the caller)
@@ -637,7 +635,7 @@ public final class FusedLogProbs implements LossGraph {
                         + "differentiable. Run the backward without create_graph, or use a libtorch composite loss for "
                         + "higher-order gradients");
             }
-            if (!directGraph && directSent.get()) {
+            if (directSent.get()) {
                 throw new IllegalStateException("LossResult.backward() already sent this loss's gradient into the logits: "
                         + "loss().backward() would add it again. Use one of the two paths per result");
             }

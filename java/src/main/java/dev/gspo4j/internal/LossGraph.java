@@ -20,8 +20,8 @@ public interface LossGraph extends AutoCloseable {
     Tensor attach(Tensor value);
 
     /**
-     * The direct path: a private graph over {@code value} whose backward runs at once with upstream
-     * gradient {@code scale}.
+     * The direct path: the gradient of {@code scale * value}, sent through libtorch's engine at once
+     * (a graph of its own, or an entry into the inputs' graphs).
      */
     void backwardInto(Tensor value, double scale);
 
