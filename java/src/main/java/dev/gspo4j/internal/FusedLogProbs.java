@@ -37,12 +37,14 @@ import org.bytedeco.pytorch.global.torch.ScalarType;
  * <p>The presets offer no custom autograd Function for Java, so the differentiable loss is built
  * from stock ops plus three hooks:
  * <pre>
- *   loss = (value + float(dot(view(-1, alias(released(logits)) * Z), Z')) * one) * anchor
+ *   loss = (value + float(dot(view(-1, alias(released(logits)) * Z), Z'))) * one * anchor
  * </pre>
  * {@code Z} and {@code Z'} are libtorch "efficient zero tensors" (no storage; ops on them only
  * compute the result's metadata): the product, the dot and their backwards never touch the logits'
  * data or allocate [N, V] memory, whatever the logits' strides (a view, an expanded tensor), so
- * attaching the logits costs no pass over them. The term is exactly 0. A hook on the float32 dot
+ * attaching the logits costs no pass over them (contiguous logits skip the product: their alias
+ * views as [N * V] itself, and a dot with a zero tensor is one too). The term is exactly 0. A hook
+ * on the float32 dot
  * records the upstream gradient d(total)/d(loss) exactly; the hook on {@code alias} then receives
  * the product's gradient (another zero tensor: no memory) and returns the fused backward kernel's
  * gradient scaled by that upstream value; the hook on {@code released}, the next node, drops our
@@ -581,11 +583,13 @@ public final class FusedLogProbs implements LossGraph {
             attached.register_hook(upstreamHook);
             // Both tokens are 1: the products pass the value and the upstream gradient on unchanged,
             // exactly. The anchor multiplies the sum, not the zero term, so that its own gradient
-            // (upstream * value) is a plain tensor: a zero tensor there could not take a second
+            // (upstream * the loss) is a plain tensor: a zero tensor there could not take a second
             // backward's accumulation (retain_graph).
-            final Tensor guarded = keep(made, attached.mul(one));
-            final Tensor partial = keep(made, value.add(guarded));
-            loss = partial.mul(anchor);
+            // The zero term is added first: the products then see a plain tensor, not libtorch's
+            // zero-tensor path (several times slower per op), forward and backward.
+            final Tensor partial = keep(made, value.add(attached));
+            final Tensor guarded = keep(made, partial.mul(one));
+            loss = guarded.mul(anchor);
             built = true;
             return loss;
         } finally {

@@ -54,15 +54,25 @@ final class GraphTokens {
     }
 
     /**
-     * {@code float(dot(view(-1, alias * Z), Z'))}: exactly 0, differentiable in {@code alias}, with
-     * zero tensors in {@code like}'s dtype so that neither direction reads or allocates [N, V].
+     * {@code float(dot(view(-1, alias * Z), Z'))} ({@code alias * Z} only when {@code alias} is not
+     * contiguous): exactly 0, differentiable in {@code alias}, with zero tensors in {@code like}'s
+     * dtype so that neither direction reads or allocates [N, V].
      * Every intermediate goes to {@code made}.
      */
     static Tensor zeroDot(List<Pointer> made, Tensor alias, Tensor like) {
         final TensorOptions options = Tensors.options(like.scalar_type(), like); // shared: not closed
-        final Tensor zero = keep(made, torch.torch__efficientzerotensor(new long[0], options));
-        final Tensor zeros = keep(made, alias.mul(zero));
-        final Tensor flat = keep(made, zeros.view(-1));
+        final Tensor flat;
+        if (alias.is_contiguous()) {
+            // A contiguous alias views as [N * V] itself: dot() with a zero tensor is a zero tensor
+            // too (libtorch's zero-tensor kernel reads neither side), so the product is not needed.
+            flat = keep(made, alias.view(-1));
+        } else {
+            // Any other strides (an expanded or transposed tensor): the product with a 0-dim zero
+            // tensor is a contiguous zero tensor of the same shape, which views.
+            final Tensor zero = keep(made, torch.torch__efficientzerotensor(new long[0], options));
+            final Tensor zeros = keep(made, alias.mul(zero));
+            flat = keep(made, zeros.view(-1));
+        }
         final Tensor zeroFlat = keep(made, torch.torch__efficientzerotensor(new long[] {flat.size(0)}, options));
         final Tensor dot = keep(made, flat.dot(zeroFlat));
         return keep(made, dot.to(ScalarType.Float));
