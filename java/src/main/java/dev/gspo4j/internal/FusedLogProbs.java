@@ -128,6 +128,7 @@ public final class FusedLogProbs implements LossGraph {
     private final double temperature;
     private final Tensor lse;
     // A detached alias of the entropy LossResult.entropy() hands out: same storage and version.
+    // Null without an entropy term, whose backward does not read the entropy.
     private final Tensor entropy;
     private final long entropyVersion;
     private final Tensor gradLogprob;
@@ -182,8 +183,8 @@ public final class FusedLogProbs implements LossGraph {
         this.targetsVersion = targets._version();
         this.temperature = temperature;
         this.lse = new Tensor(lse);
-        this.entropy = entropy.detach();
-        this.entropyVersion = entropy._version();
+        this.entropy = gradEntropy == null ? null : entropy.detach();
+        this.entropyVersion = gradEntropy == null ? 0 : entropy._version();
         this.gradLogprob = new Tensor(gradLogprob);
         this.gradEntropy = gradEntropy == null ? null : new Tensor(gradEntropy);
         this.inPlace = inPlace;
@@ -255,7 +256,7 @@ public final class FusedLogProbs implements LossGraph {
         this.targetsVersion = other.targetsVersion;
         this.temperature = other.temperature;
         this.lse = new Tensor(other.lse);
-        this.entropy = new Tensor(other.entropy);
+        this.entropy = other.entropy == null ? null : new Tensor(other.entropy);
         this.entropyVersion = other.entropyVersion;
         this.gradLogprob = new Tensor(other.gradLogprob);
         this.gradEntropy = other.gradEntropy == null ? null : new Tensor(other.gradEntropy);

@@ -25,11 +25,16 @@ public final class HostScan {
         };
     }
 
+    /** Whether {@code t}'s memory fits one Java buffer (at most 2 GiB - 1): the passes here read it. */
+    public static boolean fits(Tensor t) {
+        return t.numel() * t.element_size() <= Integer.MAX_VALUE;
+    }
+
     /** The memory of a contiguous CPU tensor, in native byte order. */
     static ByteBuffer bytes(Tensor t) {
         final long size = t.numel() * t.element_size();
         if (size > Integer.MAX_VALUE) {
-            throw new IllegalArgumentException("a tensor of " + size + " bytes is more than one pass from Java reads");
+            throw new IllegalArgumentException("a tensor of " + size + " bytes does not fit one Java buffer (see fits())");
         }
         final BytePointer data = new BytePointer(t.data_ptr());
         data.capacity(size);
