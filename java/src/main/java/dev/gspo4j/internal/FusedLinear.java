@@ -510,10 +510,10 @@ public final class FusedLinear implements LossGraph {
         try (AutoGradMode gradMode = new AutoGradMode(true); Scalar zeroScalar = new Scalar(0.0);
                 TensorOptions base = weight.options(); ScalarTypeOptional float32 = new ScalarTypeOptional(ScalarType.Float);
                 TensorOptions options = base.dtype(float32)) {
-            final Tensor anchorBase = keep(made, GraphTokens.token(0.0, GRAPH_DROPPED, options));
+            final Tensor anchorBase = keep(made, GraphTokens.token(0.0, GRAPH_DROPPED, options, !weight.is_cuda()));
             anchorAddress = anchorBase.data_ptr().address();
             LIVE_GRAPHS.put(anchorAddress, this);
-            final Tensor one = keep(made, GraphTokens.token(1.0, ONE_RELEASED, options));
+            final Tensor one = keep(made, GraphTokens.token(1.0, ONE_RELEASED, options, !weight.is_cuda()));
             oneAddress = one.data_ptr().address();
             BY_ONE.put(oneAddress, this);
             final Tensor anchor = keep(made, anchorBase.set_requires_grad(true));

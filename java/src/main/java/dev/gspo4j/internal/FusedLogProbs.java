@@ -538,10 +538,10 @@ public final class FusedLogProbs implements LossGraph {
         boolean built = false;
         try (AutoGradMode gradMode = new AutoGradMode(true)) {
             final TensorOptions options = Tensors.options(ScalarType.Float, callerLogits); // shared: not closed
-            final Tensor anchorBase = keep(made, GraphTokens.token(1.0, GRAPH_DROPPED, options));
+            final Tensor anchorBase = keep(made, GraphTokens.token(1.0, GRAPH_DROPPED, options, !callerLogits.is_cuda()));
             anchorAddress = anchorBase.data_ptr().address();
             LIVE_GRAPHS.put(anchorAddress, this);
-            final Tensor one = keep(made, GraphTokens.token(1.0, ONE_RELEASED, options));
+            final Tensor one = keep(made, GraphTokens.token(1.0, ONE_RELEASED, options, !callerLogits.is_cuda()));
             oneAddress = one.data_ptr().address();
             BY_ONE.put(oneAddress, this);
             final Tensor anchor = keep(made, anchorBase.set_requires_grad(true));
@@ -645,7 +645,9 @@ public final class FusedLogProbs implements LossGraph {
                         + "loss().backward() would add it again. Use one of the two paths per result");
             }
             releasePendingGradient();
-            final Tensor grad = logitsGradient(upstream);
+            // On the CPU the upstream gradient is read (no device to wait for): 1, the usual
+            // loss().backward(), needs no product at all.
+            final Tensor grad = Tensors.isCuda(upstream) ? logitsGradient(upstream) : logitsGradient(upstream.item_float());
             synchronized (this) {
                 pendingGradient = grad;
             }

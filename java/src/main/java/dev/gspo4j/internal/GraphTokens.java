@@ -3,6 +3,7 @@ package dev.gspo4j.internal;
 import java.util.List;
 import java.util.Map;
 import java.util.concurrent.ConcurrentHashMap;
+import org.bytedeco.javacpp.FloatPointer;
 import org.bytedeco.javacpp.Pointer;
 import org.bytedeco.pytorch.PointerConsumer;
 import org.bytedeco.pytorch.Scalar;
@@ -18,18 +19,33 @@ import org.bytedeco.pytorch.global.torch.ScalarType;
  */
 final class GraphTokens {
     // The memory behind every live token, freed by the token's deleter alone (a node may still read
-    // the token after the state is released). On the device where the graph's nodes run.
-    private static final Map<Long, Tensor> TOKEN_MEMORY = new ConcurrentHashMap<>();
+    // the token after the state is released). On the device where the graph's nodes run: a tensor
+    // of libtorch's on a GPU, a float of ours on the CPU.
+    private static final Map<Long, Pointer> TOKEN_MEMORY = new ConcurrentHashMap<>();
 
     private GraphTokens() {}
 
-    /** A 0-dim float32 tensor holding {@code value} over memory of ours, with {@code deleter}. */
-    static Tensor token(double value, PointerConsumer deleter, TensorOptions options) {
-        final Tensor memory;
-        try (Scalar v = new Scalar(value)) {
-            memory = torch.full(new long[] {1}, v, options);
+    /**
+     * A 0-dim float32 tensor holding {@code value} over memory of ours, with {@code deleter}.
+     *
+     * @param cpu whether {@code options} are for the CPU (the memory is then a plain native float,
+     *     not a libtorch op)
+     */
+    static Tensor token(double value, PointerConsumer deleter, TensorOptions options, boolean cpu) {
+        final Pointer memory;
+        final Pointer data;
+        if (cpu) {
+            final FloatPointer f = new FloatPointer(1);
+            f.put((float) value);
+            memory = f;
+            data = f;
+        } else {
+            try (Scalar v = new Scalar(value)) {
+                final Tensor t = torch.full(new long[] {1}, v, options);
+                memory = t;
+                data = t.data_ptr();
+            }
         }
-        final Pointer data = memory.data_ptr();
         TOKEN_MEMORY.put(data.address(), memory);
         try {
             return torch.from_blob(data, new long[0], deleter, options);
@@ -42,7 +58,7 @@ final class GraphTokens {
 
     /** The deleter's first step: frees the memory behind the token at {@code data}. */
     static void freeTokenMemory(Pointer data) {
-        final Tensor memory = TOKEN_MEMORY.remove(data.address());
+        final Pointer memory = TOKEN_MEMORY.remove(data.address());
         if (memory != null) {
             memory.close();
         }
