@@ -562,6 +562,67 @@ public class PolicyLossModuleTest {
         }
     }
 
+    @Test
+    void masksOfEveryDtypeAndLayoutGiveTheBoolMasksLossGradientAndCounts() {
+        // The CPU reads float32, float64, int64, int32 and uint8 masks in one pass from Java, bool
+        // ones as they are, and the rest (float16, int8, non-contiguous) through libtorch ops: all
+        // must agree bit for bit with the bool mask, and refuse a value other than 0 and 1 alike.
+        final Batch batch = new Batch(131, 3, 5, 11, 0.3);
+        final PolicyLoss grpo = PolicyLoss.grpo().build();
+        try (Tensor logits = batch.logits(ScalarType.Float); Tensor targets = batch.targets(); Tensor adv = batch.sequenceAdvantages();
+                Tensor old = batch.old(); Tensor floatMask = batch.mask(); Tensor boolMask = floatMask.to(ScalarType.Bool)) {
+            logits.set_requires_grad(true);
+            final float want;
+            final long[] wantCounts;
+            final Tensor wantGrad;
+            try (LossResult r = grpo.compute(LossInput.builder().logits(logits).targets(targets).mask(boolMask).oldLogProbs(old)
+                    .advantages(adv).build())) {
+                r.backward();
+                want = r.lossValue().item_float();
+                wantCounts = new long[] {r.metrics().sequences(), r.metrics().tokens()};
+            }
+            assertTrue(wantCounts[1] > 0 && wantCounts[1] < 15, "the mask holds both values: " + wantCounts[1] + " of 15 counted");
+            try (Tensor g = logits.grad()) {
+                wantGrad = g.clone();
+            }
+            try {
+                for (ScalarType type : new ScalarType[] {ScalarType.Float, ScalarType.Double, ScalarType.Long, ScalarType.Int,
+                        ScalarType.Byte, ScalarType.Half, ScalarType.Char}) {
+                    for (boolean strided : new boolean[] {false, true}) {
+                        final String label = type + (strided ? " (non-contiguous)" : "");
+                        try (Tensor typed = floatMask.to(type); Tensor wide = strided ? torch.cat(new org.bytedeco.pytorch.TensorVector(
+                                typed, typed), 1) : null; Tensor mask = strided ? wide.narrow(1, 0, 5) : new Tensor(typed);
+                                Tensor g = logits.mutable_grad()) {
+                            g.reset();
+                            assertEquals(!strided, mask.is_contiguous(), label);
+                            try (LossResult r = grpo.compute(LossInput.builder().logits(logits).targets(targets).mask(mask).oldLogProbs(old)
+                                    .advantages(adv).build())) {
+                                r.backward();
+                                assertEquals(want, r.lossValue().item_float(), 0f, label + " loss");
+                                assertEquals(wantCounts[0], r.metrics().sequences(), label + " sequences");
+                                assertEquals(wantCounts[1], r.metrics().tokens(), label + " tokens");
+                            }
+                            try (Tensor got = logits.grad()) {
+                                assertTrue(got.equal(wantGrad), label + " gradient");
+                            }
+                            // A 2 at [1, 3] is refused, and the caller's mask is left as it was.
+                            try (Tensor bad = mask.clone(); Tensor at = bad.narrow(0, 1, 1).narrow(1, 3, 1); Scalar two = new Scalar(2)) {
+                                at.fill_(two);
+                                expectBad(grpo, LossInput.builder().logits(logits).targets(targets).mask(bad).advantages(adv),
+                                        "mask must hold only 0 and 1");
+                                try (Tensor after = bad.narrow(0, 1, 1).narrow(1, 3, 1)) {
+                                    assertEquals(2.0, after.item_double(), 0.0, label + ": the caller's mask is not changed");
+                                }
+                            }
+                        }
+                    }
+                }
+            } finally {
+                wantGrad.close();
+            }
+        }
+    }
+
     static void expectBad(PolicyLoss loss, LossInput.Builder input, String messagePart) {
         final IllegalArgumentException e = assertThrows(IllegalArgumentException.class, () -> loss.compute(input.build()).close());
         assertTrue(e.getMessage().contains(messagePart), "message \"" + e.getMessage() + "\" should contain \"" + messagePart + "\"");
