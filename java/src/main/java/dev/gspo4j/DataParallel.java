@@ -142,7 +142,7 @@ public final class DataParallel {
     public static GlobalCounts allReduceCounts(Backend group, Tensor mask, Tensor offsets, Duration timeout) {
         requireGroup(group);
         final long millis = millis(timeout);
-        TensorArgs.requireOpen(mask, "mask");
+        TensorArgs.requireReadable(mask, "mask");
         return Unscoped.call(() -> {
             try (Tensor valid = PreparedInput.validMask(mask, "mask")) {
                 final Tensor counts;

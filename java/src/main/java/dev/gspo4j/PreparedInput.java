@@ -306,10 +306,10 @@ final class PreparedInput implements AutoCloseable {
         TensorArgs.requireReadable(t, name);
     }
 
-    // A dense, contiguous CPU tensor whose memory holds its values (no negative or conjugate bit)
-    // and fits one Java buffer (2 GiB): what HostScan reads. The caller checked it is readable.
+    // A dense, contiguous CPU tensor whose memory holds its values (no negative or conjugate bit,
+    // not a storage-less zero tensor) and fits one Java buffer (2 GiB): what HostScan reads. The caller checked it is readable.
     static boolean hostReadable(Tensor t) {
-        return t.is_cpu() && t.is_contiguous() && !t.is_neg() && !t.is_conj() && HostScan.fits(t);
+        return t.is_cpu() && t.is_contiguous() && !t.is_neg() && !t.is_conj() && !t._is_zerotensor() && HostScan.fits(t);
     }
 
     // t converted to `type` and made contiguous, its negative bit resolved (a copy only when the

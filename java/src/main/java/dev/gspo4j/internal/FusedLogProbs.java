@@ -85,8 +85,9 @@ public final class FusedLogProbs implements LossGraph {
     private static final PointerConsumer GRAPH_DROPPED = Unscoped.call(() -> new PointerConsumer() {
         @Override
         public void call(Pointer data) {
+            // The entry goes before the memory: once freed, its address may serve another graph's token.
+            final FusedLogProbs state = LIVE_GRAPHS.remove(data.address());
             GraphTokens.freeTokenMemory(data);
-            final FusedLogProbs state = LIVE_GRAPHS.get(data.address());
             if (state != null) {
                 state.close();
             }
@@ -100,8 +101,8 @@ public final class FusedLogProbs implements LossGraph {
     private static final PointerConsumer ONE_RELEASED = Unscoped.call(() -> new PointerConsumer() {
         @Override
         public void call(Pointer data) {
+            final FusedLogProbs state = BY_ONE.remove(data.address());
             GraphTokens.freeTokenMemory(data);
-            final FusedLogProbs state = BY_ONE.get(data.address());
             if (state != null) {
                 state.lastBackward = true;
             }
@@ -685,10 +686,10 @@ public final class FusedLogProbs implements LossGraph {
         upstream = null;
         pendingGradient = null;
         if (anchorAddress != 0) {
-            LIVE_GRAPHS.remove(anchorAddress);
+            LIVE_GRAPHS.remove(anchorAddress, this); // not another graph's entry at a reused address
         }
         if (oneAddress != 0) {
-            BY_ONE.remove(oneAddress);
+            BY_ONE.remove(oneAddress, this);
         }
     }
 }
